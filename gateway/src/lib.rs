@@ -1,0 +1,36 @@
+//! ringcast gateway: Phoenix Channels over websocket, each topic routed to its owner.
+//!
+//! `codec` is the pure wire format; `session` runs one connection; `index` is the local
+//! `topic -> subscribers` fan-out; `upstream` keeps one stream per topic server; `routing`
+//! picks the link by the ring; `server` puts it all on the network; `config` reads the
+//! environment.
+
+pub mod codec;
+pub mod config;
+pub mod conn;
+pub mod index;
+pub mod metrics;
+pub mod routing;
+pub mod server;
+pub mod session;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::run;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use tokio_util::sync::CancellationToken;
+
+/// State shared by every connection and link of one gateway process.
+#[derive(Debug)]
+pub struct Gateway {
+    pub config: Config,
+    pub routing: routing::Routing,
+    pub index: Arc<index::LocalIndex>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub next_sub: AtomicU64,
+    pub next_conn: AtomicU64,
+    /// Cancelled when the gateway shuts down: connections close with 1012.
+    pub shutdown: CancellationToken,
+}

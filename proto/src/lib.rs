@@ -1,0 +1,103 @@
+//! The gateway <-> topic-server gRPC contract: generated types and small constructors.
+//!
+//! `proto/ringcast.proto` is the source of truth; this crate adds nothing but helpers that
+//! keep call sites short.
+
+#![allow(clippy::all)]
+
+/// Generated protobuf types and the `TopicServer` client and server.
+pub mod v1 {
+    tonic::include_proto!("ringcast.v1");
+}
+
+pub use v1::{
+    Ack, Delivery, Down, DownBatch, Hello, Position, Publish, Rejected, Subscribe, Unsubscribe, Up,
+    UpBatch, WrongOwner, down,
+    topic_server_client::TopicServerClient,
+    topic_server_server::{TopicServer, TopicServerServer},
+    up,
+};
+
+impl Down {
+    pub fn ack(request_id: u64, epoch: u64, offset: u64) -> Down {
+        Down {
+            kind: Some(down::Kind::Ack(Ack {
+                request_id,
+                position: Some(Position { epoch, offset }),
+            })),
+        }
+    }
+
+    pub fn wrong_owner(request_id: u64, topic: String, ring_version: u64) -> Down {
+        Down {
+            kind: Some(down::Kind::WrongOwner(WrongOwner {
+                request_id,
+                topic,
+                ring_version,
+            })),
+        }
+    }
+
+    pub fn rejected(request_id: u64, reason: impl Into<String>) -> Down {
+        Down {
+            kind: Some(down::Kind::Rejected(Rejected {
+                request_id,
+                reason: reason.into(),
+            })),
+        }
+    }
+
+    pub fn delivery(delivery: Delivery) -> Down {
+        Down {
+            kind: Some(down::Kind::Delivery(delivery)),
+        }
+    }
+}
+
+impl Up {
+    pub fn hello(gateway_id: String, ring_version: u64) -> Up {
+        Up {
+            kind: Some(up::Kind::Hello(Hello {
+                gateway_id,
+                ring_version,
+            })),
+        }
+    }
+
+    pub fn subscribe(
+        request_id: u64,
+        topic: String,
+        subscriber: u64,
+        recover: Option<Position>,
+    ) -> Up {
+        Up {
+            kind: Some(up::Kind::Subscribe(Subscribe {
+                request_id,
+                topic,
+                subscriber,
+                recover,
+            })),
+        }
+    }
+
+    pub fn unsubscribe(request_id: u64, topic: String, subscriber: u64) -> Up {
+        Up {
+            kind: Some(up::Kind::Unsubscribe(Unsubscribe {
+                request_id,
+                topic,
+                subscriber,
+            })),
+        }
+    }
+
+    pub fn publish(request_id: u64, topic: String, event: String, payload: bytes::Bytes) -> Up {
+        Up {
+            kind: Some(up::Kind::Publish(Publish {
+                request_id,
+                topic,
+                event,
+                payload,
+            })),
+        }
+    }
+}

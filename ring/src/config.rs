@@ -67,9 +67,7 @@ pub enum ConfigError {
     EmptyId { index: usize },
     #[error("ring config: nodes[{index}].id `{id}` appears twice")]
     DuplicateId { index: usize, id: String },
-    #[error(
-        "ring config: nodes[{index}].id `{id}` may only use letters, digits, `-`, `_` and `.`"
-    )]
+    #[error("ring config: nodes[{index}].id `{id}` may only use letters, digits, `-`, `_` and `.`")]
     BadId { index: usize, id: String },
     #[error("ring config: nodes[{index}].addr `{addr}` is not host:port")]
     BadAddr { index: usize, addr: String },
@@ -106,16 +104,28 @@ impl RingConfig {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
             {
-                return Err(ConfigError::BadId { index, id: node.id.clone() });
+                return Err(ConfigError::BadId {
+                    index,
+                    id: node.id.clone(),
+                });
             }
             if !seen.insert(node.id.as_str()) {
-                return Err(ConfigError::DuplicateId { index, id: node.id.clone() });
+                return Err(ConfigError::DuplicateId {
+                    index,
+                    id: node.id.clone(),
+                });
             }
             if !is_host_port(&node.addr) {
-                return Err(ConfigError::BadAddr { index, addr: node.addr.clone() });
+                return Err(ConfigError::BadAddr {
+                    index,
+                    addr: node.addr.clone(),
+                });
             }
             if node.weight == 0 || node.weight > MAX_WEIGHT {
-                return Err(ConfigError::BadWeight { index, weight: node.weight });
+                return Err(ConfigError::BadWeight {
+                    index,
+                    weight: node.weight,
+                });
             }
         }
         Ok(())
@@ -129,12 +139,21 @@ pub fn parse_nodes_list(list: &str) -> Result<RingConfig, ConfigError> {
         .map(str::trim)
         .filter(|entry| !entry.is_empty())
         .map(|entry| {
-            let (id, addr) =
-                entry.split_once('=').ok_or_else(|| ConfigError::BadListEntry(entry.to_owned()))?;
-            Ok(NodeSpec { id: id.trim().to_owned(), addr: addr.trim().to_owned(), weight: 1 })
+            let (id, addr) = entry
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadListEntry(entry.to_owned()))?;
+            Ok(NodeSpec {
+                id: id.trim().to_owned(),
+                addr: addr.trim().to_owned(),
+                weight: 1,
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let config = RingConfig { version: 1, vnodes: DEFAULT_VNODES, nodes };
+    let config = RingConfig {
+        version: 1,
+        vnodes: DEFAULT_VNODES,
+        nodes,
+    };
     config.validate()?;
     Ok(config)
 }
@@ -185,23 +204,50 @@ weight = 2
             ("vnodes = 3\n[[nodes]]\nid=\"a\"\naddr=\"h:1\"", "version"),
             ("version = 1\nnodes = []", "`nodes` is empty"),
             ("version = 1\n[[nodes]]\nid=\"a\"", "addr"),
-            ("version = 1\n[[nodes]]\nid=\"a\"\naddr=\"nope\"", "nodes[0].addr"),
-            ("version = 1\n[[nodes]]\nid=\"a\"\naddr=\"h:0\"", "nodes[0].addr"),
-            ("version = 1\n[[nodes]]\nid=\"\"\naddr=\"h:1\"", "nodes[0].id"),
-            ("version = 1\n[[nodes]]\nid=\"a b\"\naddr=\"h:1\"", "nodes[0].id"),
+            (
+                "version = 1\n[[nodes]]\nid=\"a\"\naddr=\"nope\"",
+                "nodes[0].addr",
+            ),
+            (
+                "version = 1\n[[nodes]]\nid=\"a\"\naddr=\"h:0\"",
+                "nodes[0].addr",
+            ),
+            (
+                "version = 1\n[[nodes]]\nid=\"\"\naddr=\"h:1\"",
+                "nodes[0].id",
+            ),
+            (
+                "version = 1\n[[nodes]]\nid=\"a b\"\naddr=\"h:1\"",
+                "nodes[0].id",
+            ),
             (
                 "version = 1\n[[nodes]]\nid=\"a\"\naddr=\"h:1\"\n[[nodes]]\nid=\"a\"\naddr=\"h:2\"",
                 "nodes[1].id `a` appears twice",
             ),
-            ("version = 1\n[[nodes]]\nid=\"a\"\naddr=\"h:1\"\nweight=0", "nodes[0].weight"),
-            ("version = 1\nvnodes = 0\n[[nodes]]\nid=\"a\"\naddr=\"h:1\"", "vnodes"),
+            (
+                "version = 1\n[[nodes]]\nid=\"a\"\naddr=\"h:1\"\nweight=0",
+                "nodes[0].weight",
+            ),
+            (
+                "version = 1\nvnodes = 0\n[[nodes]]\nid=\"a\"\naddr=\"h:1\"",
+                "vnodes",
+            ),
             ("version = -1\n[[nodes]]\nid=\"a\"\naddr=\"h:1\"", "version"),
-            ("version = 1\ncolour = 2\n[[nodes]]\nid=\"a\"\naddr=\"h:1\"", "colour"),
-            ("version = 1\n[[nodes]]\nid=\"a\"\naddr=\"h:1\"\nport=3", "port"),
+            (
+                "version = 1\ncolour = 2\n[[nodes]]\nid=\"a\"\naddr=\"h:1\"",
+                "colour",
+            ),
+            (
+                "version = 1\n[[nodes]]\nid=\"a\"\naddr=\"h:1\"\nport=3",
+                "port",
+            ),
         ];
         for (text, needle) in cases {
             let err = RingConfig::from_toml(text).unwrap_err().to_string();
-            assert!(err.contains(needle), "error for {text:?} should mention {needle:?}: {err}");
+            assert!(
+                err.contains(needle),
+                "error for {text:?} should mention {needle:?}: {err}"
+            );
         }
     }
 
@@ -210,7 +256,10 @@ weight = 2
         let config = parse_nodes_list("ts-a=127.0.0.1:7001, ts-b=127.0.0.1:7002").unwrap();
         assert_eq!(config.nodes[1].id, "ts-b");
         assert_eq!(config.nodes[1].addr, "127.0.0.1:7002");
-        assert!(matches!(parse_nodes_list("ts-a"), Err(ConfigError::BadListEntry(_))));
+        assert!(matches!(
+            parse_nodes_list("ts-a"),
+            Err(ConfigError::BadListEntry(_))
+        ));
         assert_eq!(parse_nodes_list(""), Err(ConfigError::NoNodes));
     }
 }

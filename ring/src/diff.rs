@@ -33,8 +33,11 @@ impl RingDiff {
     pub fn between(old: &Ring, new: &Ring) -> RingDiff {
         let old_points = old.points();
         let new_points = new.points();
-        let mut bounds: Vec<u64> =
-            old_points.iter().chain(new_points.iter()).map(|(h, _)| *h).collect();
+        let mut bounds: Vec<u64> = old_points
+            .iter()
+            .chain(new_points.iter())
+            .map(|(h, _)| *h)
+            .collect();
         bounds.sort_unstable();
         bounds.dedup();
 
@@ -99,7 +102,12 @@ mod tests {
                 weight: *weight,
             })
             .collect();
-        Ring::new(RingConfig { version, vnodes: DEFAULT_VNODES, nodes }).unwrap()
+        Ring::new(RingConfig {
+            version,
+            vnodes: DEFAULT_VNODES,
+            nodes,
+        })
+        .unwrap()
     }
 
     #[test]
@@ -113,13 +121,19 @@ mod tests {
 
     #[test]
     fn adding_a_third_node_moves_about_a_third_to_it() {
-        let d = RingDiff::between(&ring(1, &[("a", 1), ("b", 1)]), &ring(2, &[("a", 1), ("b", 1), ("c", 1)]));
+        let d = RingDiff::between(
+            &ring(1, &[("a", 1), ("b", 1)]),
+            &ring(2, &[("a", 1), ("b", 1), ("c", 1)]),
+        );
         assert!((d.moved - 1.0 / 3.0).abs() < 0.06, "{d:?}");
         let c = d.nodes.iter().find(|n| n.id == "c").unwrap();
         assert_eq!(c.before, 0.0);
         assert!((c.gained - d.moved).abs() < 1e-9);
         for n in &d.nodes {
-            assert!((n.before - n.lost + n.gained - n.after).abs() < 1e-9, "{n:?}");
+            assert!(
+                (n.before - n.lost + n.gained - n.after).abs() < 1e-9,
+                "{n:?}"
+            );
         }
     }
 
@@ -135,6 +149,9 @@ mod tests {
                 old.owner(&t).id != new.owner(&t).id
             })
             .count();
-        assert!((moved as f64 / total as f64 - d.moved).abs() < 0.02, "{d:?} vs {moved}");
+        assert!(
+            (moved as f64 / total as f64 - d.moved).abs() < 0.02,
+            "{d:?} vs {moved}"
+        );
     }
 }

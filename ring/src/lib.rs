@@ -10,3 +10,28 @@ mod placement;
 pub use config::{ConfigError, NodeSpec, RingConfig, parse_nodes_list};
 pub use diff::{NodeShare, RingDiff};
 pub use placement::Ring;
+
+/// Where a process reads its ring from, as configured by `RING_CONFIG` or `RING_NODES`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RingSource {
+    /// A TOML ring config file (watched for edits by the processes).
+    File(std::path::PathBuf),
+    /// The quick-start list `id=host:port,...` (version 1, never reloaded).
+    List(String),
+}
+
+impl RingSource {
+    /// Reads and builds the ring. Errors name the source.
+    pub fn load(&self) -> Result<Ring, String> {
+        match self {
+            RingSource::File(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("RING_CONFIG {}: cannot read: {e}", path.display()))?;
+                Ring::from_toml(&text).map_err(|e| format!("RING_CONFIG {}: {e}", path.display()))
+            }
+            RingSource::List(list) => parse_nodes_list(list)
+                .and_then(Ring::new)
+                .map_err(|e| format!("RING_NODES: {e}")),
+        }
+    }
+}

@@ -37,8 +37,8 @@ enum Command {
 }
 
 fn load(path: &Path) -> Result<Ring, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     Ring::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -67,7 +67,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 diff.to_version,
                 diff.moved * 100.0
             );
-            println!("{:<20} {:>8} {:>8} {:>8} {:>8}", "node", "before", "after", "gains", "loses");
+            println!(
+                "{:<20} {:>8} {:>8} {:>8} {:>8}",
+                "node", "before", "after", "gains", "loses"
+            );
             for n in &diff.nodes {
                 println!(
                     "{:<20} {:>7.2}% {:>7.2}% {:>7.2}% {:>7.2}%",

@@ -88,7 +88,10 @@ impl Ring {
 
     /// The topic server that owns `topic`.
     pub fn owner(&self, topic: &str) -> &NodeSpec {
-        let vnode = self.ring.get(&TopicKey(topic)).expect("a validated ring has nodes");
+        let vnode = self
+            .ring
+            .get(&TopicKey(topic))
+            .expect("a validated ring has nodes");
         &self.config.nodes[vnode.node]
     }
 
@@ -105,13 +108,17 @@ impl Ring {
 }
 
 fn virtual_nodes(config: &RingConfig) -> impl Iterator<Item = VirtualNode> + '_ {
-    config.nodes.iter().enumerate().flat_map(move |(index, node)| {
-        (0..node.weight * config.vnodes).map(move |replica| VirtualNode {
-            node: index,
-            id: node.id.clone(),
-            replica,
+    config
+        .nodes
+        .iter()
+        .enumerate()
+        .flat_map(move |(index, node)| {
+            (0..node.weight * config.vnodes).map(move |replica| VirtualNode {
+                node: index,
+                id: node.id.clone(),
+                replica,
+            })
         })
-    })
 }
 
 #[cfg(test)]
@@ -130,7 +137,12 @@ mod tests {
                 weight: *weight,
             })
             .collect();
-        Ring::new(RingConfig { version, vnodes: DEFAULT_VNODES, nodes }).unwrap()
+        Ring::new(RingConfig {
+            version,
+            vnodes: DEFAULT_VNODES,
+            nodes,
+        })
+        .unwrap()
     }
 
     /// Pinned placements: if this test fails, placement changed and every deployed
@@ -162,7 +174,10 @@ mod tests {
         ("user:42", "ts-c"),
         ("", "ts-c"),
         ("ünïcödé", "ts-c"),
-        ("a-very-long-topic-name-with-many-segments:and:colons:1234567890", "ts-a"),
+        (
+            "a-very-long-topic-name-with-many-segments:and:colons:1234567890",
+            "ts-a",
+        ),
     ];
 
     #[test]
@@ -186,7 +201,9 @@ mod tests {
         let mut counts: HashMap<String, usize> = HashMap::new();
         let total = 40_000;
         for i in 0..total {
-            *counts.entry(r.owner(&format!("room:{i}")).id.clone()).or_default() += 1;
+            *counts
+                .entry(r.owner(&format!("room:{i}")).id.clone())
+                .or_default() += 1;
         }
         let share = |id: &str| counts[id] as f64 / total as f64;
         assert!((share("ts-a") - 0.25).abs() < 0.06, "{counts:?}");
@@ -204,7 +221,10 @@ mod tests {
             let t = format!("room:{i}");
             let (old, new) = (&before.owner(&t).id, &after.owner(&t).id);
             if old != new {
-                assert_eq!(new, "ts-c", "{t} moved from {old} to {new}, not to the new node");
+                assert_eq!(
+                    new, "ts-c",
+                    "{t} moved from {old} to {new}, not to the new node"
+                );
                 moved += 1;
             }
         }
@@ -219,7 +239,11 @@ mod tests {
         for i in 0..10_000 {
             let t = format!("room:{i}");
             if before.owner(&t).id != "ts-b" {
-                assert_eq!(before.owner(&t).id, after.owner(&t).id, "{t} moved needlessly");
+                assert_eq!(
+                    before.owner(&t).id,
+                    after.owner(&t).id,
+                    "{t} moved needlessly"
+                );
             }
         }
     }

@@ -1,0 +1,13 @@
+//! ringcast topic server: owns topics, orders their messages, fans out one batch per gateway.
+//!
+//! `registry` is the pure core (topics, offsets, subscribers by gateway); `service` runs
+//! gateway streams around it; `server` puts it on the network; `config` reads the environment.
+
+pub mod config;
+pub mod registry;
+pub mod server;
+pub mod service;
+
+pub use config::Config;
+pub use server::run;
+pub use service::{Ownership, ServiceLimits, StatusSnapshot, TopicService};

@@ -1,0 +1,184 @@
+//! The gateway's configuration: typed, documented, read from the environment here only.
+//!
+//! `Config` is plain data so tests build it directly; `Config::from_env` parses the
+//! environment (and `--help`) with clap, and every error names the variable at fault.
+
+use clap::Parser;
+use ringcast_ring::{Ring, RingSource};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything a gateway needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Name of this gateway in topic-server logs and status (`GATEWAY_ID`).
+    pub gateway_id: String,
+    /// The ring of topic servers; `None` runs the topic-server core in-process.
+    pub ring: Option<(Ring, RingSource)>,
+    /// Open websocket connections at most; more get HTTP 503.
+    pub max_connections: usize,
+    /// Channels (joined topics) per connection at most.
+    pub max_channels: usize,
+    /// Events queued per connection before it is cut as a slow consumer (close 1013).
+    pub client_queue: usize,
+    /// Largest websocket message (and frame) accepted from a client.
+    pub max_frame_bytes: usize,
+    /// A connection that sends nothing for this long is closed (1001).
+    pub idle_timeout: Duration,
+    /// Allowed topic patterns (`room:*` prefix or exact); empty allows every topic.
+    pub topic_patterns: Vec<String>,
+    /// Requests queued per upstream link.
+    pub upstream_queue: usize,
+    /// HTTP/2 keepalive towards topic servers (interval and timeout).
+    pub keepalive: Duration,
+    /// Time given to connections to close at shutdown.
+    pub shutdown_grace: Duration,
+    /// Malformed frames tolerated per 10 s before the socket is closed (1008).
+    pub max_malformed: u32,
+}
+
+impl Config {
+    /// A config with every default: embedded mode unless a ring is set.
+    pub fn new(gateway_id: impl Into<String>, ring: Option<(Ring, RingSource)>) -> Self {
+        Config {
+            gateway_id: gateway_id.into(),
+            ring,
+            max_connections: 100_000,
+            max_channels: 100,
+            client_queue: 1024,
+            max_frame_bytes: 64 * 1024,
+            idle_timeout: Duration::from_secs(60),
+            topic_patterns: Vec::new(),
+            upstream_queue: 65_536,
+            keepalive: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(5),
+            max_malformed: 100,
+        }
+    }
+
+    /// Reads the environment (and command line); the error names the bad variable.
+    pub fn from_env() -> Result<(SocketAddr, Config), String> {
+        Cli::parse().into_config()
+    }
+
+    /// Whether clients may join `topic` under the configured patterns.
+    pub fn topic_allowed(&self, topic: &str) -> bool {
+        self.topic_patterns.is_empty()
+            || self
+                .topic_patterns
+                .iter()
+                .any(|p| match p.strip_suffix('*') {
+                    Some(prefix) => topic.starts_with(prefix),
+                    None => topic == p,
+                })
+    }
+}
+
+/// ringcast gateway: Phoenix Channels over websocket at `/socket/websocket`, each topic
+/// routed to its owner on the ring. With no ring configured it is a complete single-node
+/// server.
+///
+/// Every setting is an environment variable (a flag of the same meaning exists for each).
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version, about, long_about = None)]
+struct Cli {
+    /// Address for websocket clients and `GET /status`.
+    #[arg(
+        long,
+        env = "GATEWAY_LISTEN",
+        value_name = "GATEWAY_LISTEN",
+        default_value = "127.0.0.1:4000"
+    )]
+    listen: SocketAddr,
+    /// Name of this gateway (default: gateway-<port>).
+    #[arg(long, env = "GATEWAY_ID", value_name = "GATEWAY_ID")]
+    id: Option<String>,
+    /// Path to the ring config (TOML). Without RING_CONFIG or RING_NODES the gateway runs
+    /// the topic-server core in-process.
+    #[arg(
+        long,
+        env = "RING_CONFIG",
+        value_name = "RING_CONFIG",
+        conflicts_with = "ring_nodes"
+    )]
+    ring_config: Option<std::path::PathBuf>,
+    /// Quick-start ring: `id=host:port,id=host:port`.
+    #[arg(long, env = "RING_NODES", value_name = "RING_NODES")]
+    ring_nodes: Option<String>,
+    /// Open websocket connections at most (more are refused with HTTP 503).
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", value_name = "GATEWAY_MAX_CONNECTIONS", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Channels per connection at most.
+    #[arg(long, env = "GATEWAY_MAX_CHANNELS", value_name = "GATEWAY_MAX_CHANNELS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    max_channels: u32,
+    /// Outbound events queued per connection before it is closed as too slow (1013).
+    #[arg(long, env = "GATEWAY_CLIENT_QUEUE", value_name = "GATEWAY_CLIENT_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(8..))]
+    client_queue: u32,
+    /// Largest client websocket message in bytes (larger: close 1009).
+    #[arg(long, env = "GATEWAY_MAX_FRAME_BYTES", value_name = "GATEWAY_MAX_FRAME_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
+    max_frame_bytes: u32,
+    /// Seconds without any client frame before the socket is closed (1001).
+    #[arg(long, env = "GATEWAY_IDLE_TIMEOUT_SECS", value_name = "GATEWAY_IDLE_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    idle_timeout_secs: u64,
+    /// Comma-separated allowed topics: `room:*` (prefix) or exact names. Default: any.
+    #[arg(long, env = "GATEWAY_TOPICS", value_name = "GATEWAY_TOPICS")]
+    topics: Option<String>,
+    /// Seconds between HTTP/2 keepalive pings to topic servers (also the ping timeout).
+    #[arg(long, env = "GATEWAY_KEEPALIVE_SECS", value_name = "GATEWAY_KEEPALIVE_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    keepalive_secs: u64,
+}
+
+impl Cli {
+    fn into_config(self) -> Result<(SocketAddr, Config), String> {
+        let source = match (self.ring_config, self.ring_nodes) {
+            (Some(path), _) => Some(RingSource::File(path)),
+            (None, Some(list)) => Some(RingSource::List(list)),
+            (None, None) => None,
+        };
+        let ring = match source {
+            Some(source) => Some((source.load()?, source)),
+            None => None,
+        };
+        let id = self
+            .id
+            .unwrap_or_else(|| format!("gateway-{}", self.listen.port()));
+        if id.is_empty() {
+            return Err("GATEWAY_ID must not be empty".into());
+        }
+        let mut config = Config::new(id, ring);
+        config.max_connections = self.max_connections as usize;
+        config.max_channels = self.max_channels as usize;
+        config.client_queue = self.client_queue as usize;
+        config.max_frame_bytes = self.max_frame_bytes as usize;
+        config.idle_timeout = Duration::from_secs(self.idle_timeout_secs);
+        config.keepalive = Duration::from_secs(self.keepalive_secs);
+        if let Some(topics) = self.topics {
+            config.topic_patterns = topics
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if config.topic_patterns.is_empty() {
+                return Err("GATEWAY_TOPICS is set but names no topic pattern".into());
+            }
+        }
+        Ok((self.listen, config))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_patterns() {
+        let mut c = Config::new("g", None);
+        assert!(c.topic_allowed("anything"));
+        c.topic_patterns = vec!["room:*".into(), "lobby".into()];
+        assert!(c.topic_allowed("room:1"));
+        assert!(c.topic_allowed("lobby"));
+        assert!(!c.topic_allowed("lobby2"));
+        assert!(!c.topic_allowed("user:1"));
+    }
+}

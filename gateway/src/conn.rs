@@ -1,0 +1,100 @@
+//! A websocket connection as the rest of the gateway sees it: a bounded inbox of events.
+//!
+//! Upstream links and the local index push into the inbox without waiting; a full inbox
+//! means the client reads too slowly, and the connection is cut (close 1013), never waited on.
+
+use axum::extract::ws::Utf8Bytes;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_util::sync::CancellationToken;
+
+/// What the connection's task is told by the rest of the gateway, in order.
+#[derive(Debug)]
+pub enum ConnEvent {
+    /// An encoded frame to write as is: a delivery or a reply (bytes shared with others).
+    Frame(Utf8Bytes),
+    /// The owner accepted the subscription `sub` of `topic` at this position.
+    Joined {
+        topic: String,
+        sub: u64,
+        node: Arc<str>,
+        epoch: u64,
+        offset: u64,
+    },
+    /// The subscription `sub` of `topic` was not made.
+    JoinFailed {
+        topic: String,
+        sub: u64,
+        reason: String,
+    },
+    /// The subscription `sub` of `topic` is gone (owner lost): the channel must error.
+    Interrupted {
+        topic: String,
+        sub: u64,
+        reason: &'static str,
+    },
+}
+
+/// Why the gateway cut a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    SlowConsumer,
+}
+
+#[derive(Debug)]
+struct Inner {
+    id: u64,
+    tx: mpsc::Sender<ConnEvent>,
+    cut: CancellationToken,
+    reason: OnceLock<Cut>,
+}
+
+/// Cheap handle to a connection's inbox.
+#[derive(Debug, Clone)]
+pub struct ConnHandle(Arc<Inner>);
+
+impl ConnHandle {
+    pub fn new(id: u64, capacity: usize) -> (ConnHandle, mpsc::Receiver<ConnEvent>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let inner = Inner {
+            id,
+            tx,
+            cut: CancellationToken::new(),
+            reason: OnceLock::new(),
+        };
+        (ConnHandle(Arc::new(inner)), rx)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.0.id
+    }
+
+    /// Queues an event; returns false if the connection is gone or was cut as too slow.
+    pub fn send(&self, event: ConnEvent) -> bool {
+        match self.0.tx.try_send(event) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.cut(Cut::SlowConsumer);
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Whether the connection's task has stopped reading its inbox.
+    pub fn is_closed(&self) -> bool {
+        self.0.tx.is_closed()
+    }
+
+    pub fn cut(&self, reason: Cut) {
+        let _ = self.0.reason.set(reason);
+        self.0.cut.cancel();
+    }
+
+    /// Resolves when the connection has been cut.
+    pub async fn cut_requested(&self) -> Cut {
+        self.0.cut.cancelled().await;
+        *self.0.reason.get().unwrap_or(&Cut::SlowConsumer)
+    }
+}

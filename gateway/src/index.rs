@@ -1,0 +1,319 @@
+//! The local index: `topic -> local subscribers`, grouped by how their frames are encoded.
+//!
+//! A delivery is encoded once per group (serializer + receiver join_ref) and the same bytes
+//! are queued to every subscriber of the group. Sharded `parking_lot` locks, never held
+//! across `.await`.
+
+use crate::codec::{DeliveryFrame, Vsn};
+use crate::conn::{ConnEvent, ConnHandle};
+use crate::metrics::Metrics;
+use axum::extract::ws::Utf8Bytes;
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+
+const SHARDS: usize = 64;
+
+/// Frames for subscribers in one group are byte-identical.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GroupKey {
+    pub vsn: Vsn,
+    /// Raw JSON of the channel's join_ref (v2 only; v1 frames carry none).
+    pub join_ref: Option<Arc<str>>,
+}
+
+impl GroupKey {
+    pub fn new(vsn: Vsn, join_ref: Option<Arc<str>>) -> Self {
+        let join_ref = if vsn == Vsn::V1 { None } else { join_ref };
+        GroupKey { vsn, join_ref }
+    }
+}
+
+/// One local subscription.
+#[derive(Debug, Clone)]
+pub struct LocalSub {
+    pub sub: u64,
+    pub conn: ConnHandle,
+    /// The topic server the subscription was made at.
+    pub node: Arc<str>,
+}
+
+#[derive(Debug, Default)]
+struct TopicSubs {
+    groups: HashMap<GroupKey, Vec<LocalSub>>,
+}
+
+impl TopicSubs {
+    fn len(&self) -> usize {
+        self.groups.values().map(Vec::len).sum()
+    }
+}
+
+/// `topic -> local subscribers` for one gateway.
+#[derive(Debug)]
+pub struct LocalIndex {
+    shards: Box<[RwLock<HashMap<String, TopicSubs>>]>,
+    hasher: RandomState,
+}
+
+impl Default for LocalIndex {
+    fn default() -> Self {
+        LocalIndex {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+impl LocalIndex {
+    fn shard(&self, topic: &str) -> &RwLock<HashMap<String, TopicSubs>> {
+        &self.shards[(self.hasher.hash_one(topic) as usize) % self.shards.len()]
+    }
+
+    /// Adds a subscriber unless its connection has already gone (checked under the lock,
+    /// so a connection that is cleaning up never leaves an entry behind).
+    pub fn insert_if_open(&self, topic: &str, key: GroupKey, entry: LocalSub) -> bool {
+        let mut shard = self.shard(topic).write();
+        if entry.conn.is_closed() {
+            return false;
+        }
+        let subs = match shard.get_mut(topic) {
+            Some(subs) => subs,
+            None => shard.entry(topic.to_owned()).or_default(),
+        };
+        subs.groups.entry(key).or_default().push(entry);
+        true
+    }
+
+    /// Removes subscriber `sub` of `topic`; returns whether it was there.
+    pub fn remove(&self, topic: &str, sub: u64) -> bool {
+        let mut shard = self.shard(topic).write();
+        let Some(subs) = shard.get_mut(topic) else {
+            return false;
+        };
+        let mut found = false;
+        subs.groups.retain(|_, group| {
+            if let Some(i) = group.iter().position(|s| s.sub == sub) {
+                group.swap_remove(i);
+                found = true;
+            }
+            !group.is_empty()
+        });
+        if subs.groups.is_empty() {
+            shard.remove(topic);
+        }
+        found
+    }
+
+    /// Removes every subscription made at `node`; returns them with their topics.
+    pub fn remove_node(&self, node: &str) -> Vec<(String, LocalSub)> {
+        let mut removed = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.write();
+            shard.retain(|topic, subs| {
+                subs.groups.retain(|_, group| {
+                    group.retain(|s| {
+                        let keep = &*s.node != node;
+                        if !keep {
+                            removed.push((topic.clone(), s.clone()));
+                        }
+                        keep
+                    });
+                    !group.is_empty()
+                });
+                !subs.groups.is_empty()
+            });
+        }
+        removed
+    }
+
+    /// Queues one delivered message to every local subscriber of `topic`, encoding it once
+    /// per group. Returns how many subscribers it was queued to.
+    pub fn deliver(&self, topic: &str, event: &str, payload: &str, metrics: &Metrics) -> usize {
+        let shard = self.shard(topic).read();
+        let Some(subs) = shard.get(topic) else {
+            return 0;
+        };
+        let frame = DeliveryFrame::new(topic, event, payload);
+        let mut queued = 0;
+        for (key, group) in &subs.groups {
+            let bytes = Utf8Bytes::from(frame.encode(key.vsn, key.join_ref.as_deref()));
+            Metrics::inc(&metrics.encodes);
+            for s in group {
+                if s.conn.send(ConnEvent::Frame(bytes.clone())) {
+                    queued += 1;
+                }
+            }
+        }
+        Metrics::add(&metrics.frames_out, queued as u64);
+        queued
+    }
+
+    /// Number of local subscriptions (all topics).
+    pub fn subscription_count(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().values().map(TopicSubs::len).sum::<usize>())
+            .sum()
+    }
+
+    /// Number of topics with local subscribers.
+    pub fn topic_count(&self) -> usize {
+        self.shards.iter().map(|s| s.read().len()).sum()
+    }
+
+    /// Topics with local subscribers at `node`.
+    pub fn topics_on(&self, node: &str) -> Vec<String> {
+        let mut topics = Vec::new();
+        for shard in self.shards.iter() {
+            for (topic, subs) in shard.read().iter() {
+                if subs.groups.values().flatten().any(|s| &*s.node == node) {
+                    topics.push(topic.clone());
+                }
+            }
+        }
+        topics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::ConnEvent;
+
+    fn frames(rx: &mut tokio::sync::mpsc::Receiver<ConnEvent>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(ConnEvent::Frame(b)) = rx.try_recv() {
+            out.push(b.as_str().to_owned());
+        }
+        out
+    }
+
+    #[test]
+    fn encodes_once_per_join_ref_and_shares_bytes() {
+        let index = LocalIndex::default();
+        let metrics = Metrics::default();
+        let node: Arc<str> = "ts-a".into();
+        let mut receivers = Vec::new();
+        for i in 0..10u64 {
+            let (conn, rx) = ConnHandle::new(i, 8);
+            let join_ref: Arc<str> = if i % 2 == 0 {
+                "\"1\"".into()
+            } else {
+                "\"3\"".into()
+            };
+            let key = GroupKey::new(Vsn::V2, Some(join_ref));
+            assert!(index.insert_if_open(
+                "t",
+                key,
+                LocalSub {
+                    sub: i,
+                    conn,
+                    node: node.clone()
+                }
+            ));
+            receivers.push(rx);
+        }
+        assert_eq!(index.deliver("t", "e", "{}", &metrics), 10);
+        assert_eq!(
+            metrics.encodes.load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        for (i, rx) in receivers.iter_mut().enumerate() {
+            let expected = if i % 2 == 0 {
+                r#"["1",null,"t","e",{}]"#
+            } else {
+                r#"["3",null,"t","e",{}]"#
+            };
+            assert_eq!(frames(rx), [expected]);
+        }
+    }
+
+    #[test]
+    fn closed_connections_are_never_indexed() {
+        let index = LocalIndex::default();
+        let (conn, rx) = ConnHandle::new(1, 8);
+        drop(rx);
+        let key = GroupKey::new(Vsn::V2, None);
+        assert!(!index.insert_if_open(
+            "t",
+            key,
+            LocalSub {
+                sub: 1,
+                conn,
+                node: "n".into()
+            }
+        ));
+        assert_eq!(index.topic_count(), 0);
+    }
+
+    #[test]
+    fn remove_node_takes_only_that_nodes_subscriptions() {
+        let index = LocalIndex::default();
+        let (conn, _rx) = ConnHandle::new(1, 8);
+        let key = GroupKey::new(Vsn::V2, None);
+        for (sub, topic, node) in [(1, "a", "x"), (2, "b", "y"), (3, "a", "y")] {
+            index.insert_if_open(
+                topic,
+                key.clone(),
+                LocalSub {
+                    sub,
+                    conn: conn.clone(),
+                    node: node.into(),
+                },
+            );
+        }
+        let mut removed: Vec<(String, u64)> = index
+            .remove_node("y")
+            .into_iter()
+            .map(|(t, s)| (t, s.sub))
+            .collect();
+        removed.sort();
+        assert_eq!(removed, [("a".to_owned(), 3), ("b".to_owned(), 2)]);
+        assert_eq!(index.subscription_count(), 1);
+        assert!(index.remove("a", 1));
+        assert!(!index.remove("a", 1));
+        assert_eq!(index.topic_count(), 0);
+    }
+
+    #[test]
+    fn a_full_inbox_cuts_only_that_connection() {
+        let index = LocalIndex::default();
+        let metrics = Metrics::default();
+        let (slow, _slow_rx) = ConnHandle::new(1, 1);
+        let (fast, mut fast_rx) = ConnHandle::new(2, 16);
+        let key = GroupKey::new(Vsn::V2, None);
+        index.insert_if_open(
+            "t",
+            key.clone(),
+            LocalSub {
+                sub: 1,
+                conn: slow.clone(),
+                node: "n".into(),
+            },
+        );
+        index.insert_if_open(
+            "t",
+            key,
+            LocalSub {
+                sub: 2,
+                conn: fast,
+                node: "n".into(),
+            },
+        );
+        for _ in 0..3 {
+            index.deliver("t", "e", "1", &metrics);
+        }
+        assert_eq!(frames(&mut fast_rx).len(), 3);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), slow.cut_requested())
+                .await
+                .expect("slow connection is cut");
+        });
+    }
+}

@@ -1,0 +1,30 @@
+//! Gateway counters, exposed on `GET /status`.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections: AtomicI64,
+    pub connections_total: AtomicU64,
+    pub joins: AtomicU64,
+    pub publishes: AtomicU64,
+    /// Deliveries received from topic servers (one per message per gateway).
+    pub deliveries_in: AtomicU64,
+    /// Frames queued to clients.
+    pub frames_out: AtomicU64,
+    /// Delivery frames encoded (once per distinct join_ref per message).
+    pub encodes: AtomicU64,
+    pub malformed_frames: AtomicU64,
+    pub slow_consumers: AtomicU64,
+    pub interrupted_channels: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+}

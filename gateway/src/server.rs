@@ -1,0 +1,224 @@
+//! The gateway process: the websocket endpoint, the status endpoint, upstream links and
+//! orderly shutdown.
+//!
+//! `run` is what the binary and the tests call. axum does not track upgraded websockets in
+//! graceful shutdown, so the gateway tracks its own connections and closes them with 1012.
+
+use crate::codec::Vsn;
+use crate::config::Config;
+use crate::index::LocalIndex;
+use crate::metrics::Metrics;
+use crate::routing::Routing;
+use crate::upstream::{Connector, LinkContext, UpstreamLink};
+use crate::{Gateway, session};
+use arc_swap::ArcSwap;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use ringcast_topic_server::{Ownership, ServiceLimits, TopicService};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Node id of the embedded topic-server core.
+pub const EMBEDDED_NODE: &str = "local";
+
+#[derive(Clone)]
+struct AppState {
+    gateway: Arc<Gateway>,
+    connections: Arc<Semaphore>,
+    tracker: TaskTracker,
+}
+
+/// Serves until `shutdown` is cancelled, then closes every connection (1012) within the
+/// configured grace period.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tracker = TaskTracker::new();
+    let links_stop = CancellationToken::new();
+    let index = Arc::new(LocalIndex::default());
+    let metrics = Arc::new(Metrics::default());
+    let ring_version = Arc::new(AtomicU64::new(
+        config.ring.as_ref().map_or(0, |(r, _)| r.version()),
+    ));
+    let ctx = Arc::new(LinkContext {
+        gateway_id: config.gateway_id.clone(),
+        index: index.clone(),
+        metrics: metrics.clone(),
+        queue: config.upstream_queue,
+        ring_version,
+    });
+    let core_stop = CancellationToken::new();
+    let routing = match &config.ring {
+        None => {
+            let core = TopicService::new(
+                Ownership::All,
+                ServiceLimits {
+                    stream_queue: 65_536,
+                },
+                core_stop.clone(),
+            );
+            Routing::Embedded(UpstreamLink::new(
+                EMBEDDED_NODE.into(),
+                Connector::InProcess(core),
+                ctx,
+                links_stop.clone(),
+            ))
+        }
+        Some((ring, _)) => {
+            let links = ring
+                .nodes()
+                .iter()
+                .map(|node| {
+                    let connector = Connector::Grpc {
+                        addr: node.addr.clone(),
+                        keepalive: config.keepalive,
+                        max_message_bytes: 16 * 1024 * 1024,
+                    };
+                    (
+                        node.id.clone(),
+                        UpstreamLink::new(
+                            node.id.as_str().into(),
+                            connector,
+                            ctx.clone(),
+                            links_stop.clone(),
+                        ),
+                    )
+                })
+                .collect::<HashMap<_, _>>();
+            Routing::Ring {
+                ring: ArcSwap::from_pointee(ring.clone()),
+                links,
+            }
+        }
+    };
+    let link_tasks = TaskTracker::new();
+    for link in routing.links() {
+        link_tasks.spawn(link.run());
+    }
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let grace = config.shutdown_grace;
+    let gateway = Arc::new(Gateway {
+        config,
+        routing,
+        index,
+        metrics,
+        next_sub: AtomicU64::new(1),
+        next_conn: AtomicU64::new(1),
+        shutdown: shutdown.clone(),
+    });
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        gateway = %gateway.config.gateway_id,
+        mode = if gateway.config.ring.is_some() { "ring" } else { "embedded" },
+        ring_version = gateway.routing.version(),
+        "gateway listening"
+    );
+
+    let state = AppState {
+        gateway: gateway.clone(),
+        connections,
+        tracker: tracker.clone(),
+    };
+    let app = Router::new()
+        .route("/socket/websocket", get(websocket))
+        .route("/status", get(status))
+        .route(
+            "/",
+            get(|| async { "ringcast gateway: connect to /socket/websocket?vsn=2.0.0\n" }),
+        )
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await?;
+
+    // Connections see `shutdown` and close with 1012; give them the grace period.
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("connections did not close within the grace period");
+    }
+    links_stop.cancel();
+    link_tasks.close();
+    link_tasks.wait().await;
+    core_stop.cancel();
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+async fn websocket(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let vsn = match Vsn::from_query(params.get("vsn").map(String::as_str)) {
+        Ok(vsn) => vsn,
+        Err(reason) => return (StatusCode::FORBIDDEN, reason).into_response(),
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let Ok(permit) = state.connections.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+    };
+    let gateway = state.gateway.clone();
+    let max = gateway.config.max_frame_bytes;
+    let tracker = state.tracker.clone();
+    upgrade
+        .protocols(["phoenix"])
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(16 * 1024 * 1024)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                let metrics = gateway.metrics.clone();
+                metrics.connections.fetch_add(1, Relaxed);
+                Metrics::inc(&metrics.connections_total);
+                session::serve(socket, vsn, gateway).await;
+                metrics.connections.fetch_sub(1, Relaxed);
+                drop(permit);
+            })
+        })
+}
+
+async fn status(State(state): State<AppState>) -> impl IntoResponse {
+    let g = &state.gateway;
+    let m = &g.metrics;
+    let links: Vec<_> = g
+        .routing
+        .links()
+        .iter()
+        .map(|l| json!({ "node": &**l.node(), "addr": l.addr(), "connected": l.is_connected() }))
+        .collect();
+    Json(json!({
+        "gateway_id": g.config.gateway_id,
+        "mode": if g.config.ring.is_some() { "ring" } else { "embedded" },
+        "ring_version": g.routing.version(),
+        "links": links,
+        "connections": m.connections.load(Relaxed),
+        "connections_total": m.connections_total.load(Relaxed),
+        "subscriptions": g.index.subscription_count(),
+        "topics": g.index.topic_count(),
+        "joins": m.joins.load(Relaxed),
+        "publishes": m.publishes.load(Relaxed),
+        "deliveries_in": m.deliveries_in.load(Relaxed),
+        "encodes": m.encodes.load(Relaxed),
+        "frames_out": m.frames_out.load(Relaxed),
+        "malformed_frames": m.malformed_frames.load(Relaxed),
+        "slow_consumers": m.slow_consumers.load(Relaxed),
+        "interrupted_channels": m.interrupted_channels.load(Relaxed),
+    }))
+}

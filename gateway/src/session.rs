@@ -1,0 +1,506 @@
+//! One websocket connection: the Phoenix channel protocol for one client.
+//!
+//! `Session` holds the connection's channels and turns client frames and upstream events
+//! into replies and upstream requests (no IO of its own); `serve` is the connection's one
+//! task: it reads frames, drains the inbox, and writes everything queued in one flush.
+
+use crate::Gateway;
+use crate::codec::{self, InFrame, Vsn};
+use crate::conn::{ConnEvent, ConnHandle, Cut};
+use crate::index::GroupKey;
+use crate::metrics::Metrics;
+use crate::upstream::{Pending, ReplyTo};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::SinkExt;
+use ringcast_proto::{Position, Up};
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Inbox events handled per wake-up at most (then the socket is written).
+const INBOX_BATCH: usize = 256;
+/// Window over which malformed frames are counted.
+const MALFORMED_WINDOW: Duration = Duration::from_secs(10);
+
+/// Close codes used by the gateway (never 1000: phoenix.js would not reconnect).
+mod close {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const RESTART: u16 = 1012;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+#[derive(Debug)]
+enum ChannelState {
+    /// Waiting for the owner; the join's ref for the reply.
+    Joining {
+        msg_ref: Option<Box<str>>,
+    },
+    Joined,
+}
+
+#[derive(Debug)]
+struct Channel {
+    join_ref: Option<Arc<str>>,
+    sub: u64,
+    /// The node the subscription was requested at.
+    node: Arc<str>,
+    state: ChannelState,
+    /// A previous join of the same topic, closed once this one is answered.
+    replaces: Option<Box<Channel>>,
+}
+
+/// The protocol state of one connection.
+pub struct Session {
+    vsn: Vsn,
+    conn: ConnHandle,
+    gateway: Arc<Gateway>,
+    channels: HashMap<String, Channel>,
+    malformed: (Instant, u32),
+}
+
+impl Session {
+    pub fn new(vsn: Vsn, conn: ConnHandle, gateway: Arc<Gateway>) -> Self {
+        Session {
+            vsn,
+            conn,
+            gateway,
+            channels: HashMap::new(),
+            malformed: (Instant::now(), 0),
+        }
+    }
+
+    /// Handles one client text frame. Returns true when the client is flooding malformed
+    /// frames and must be closed.
+    pub fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> bool {
+        match codec::decode(self.vsn, text) {
+            Ok(frame) => {
+                self.on_frame(frame, out);
+                false
+            }
+            Err(malformed) => {
+                if let Some(reply) = codec::malformed_reply(self.vsn, &malformed) {
+                    out.push(reply);
+                }
+                self.count_malformed()
+            }
+        }
+    }
+
+    /// Counts a frame that could not be used; true when over the flood limit.
+    pub fn count_malformed(&mut self) -> bool {
+        Metrics::inc(&self.gateway.metrics.malformed_frames);
+        let now = Instant::now();
+        if now.duration_since(self.malformed.0) > MALFORMED_WINDOW {
+            self.malformed = (now, 0);
+        }
+        self.malformed.1 += 1;
+        self.malformed.1 > self.gateway.config.max_malformed
+    }
+
+    fn reply_error(
+        &self,
+        join_ref: Option<&str>,
+        msg_ref: Option<&str>,
+        topic: &str,
+        reason: &str,
+        out: &mut Vec<String>,
+    ) {
+        out.push(codec::error_reply(
+            self.vsn, join_ref, msg_ref, topic, reason,
+        ));
+    }
+
+    fn on_frame(&mut self, f: InFrame<'_>, out: &mut Vec<String>) {
+        match (f.topic.as_str(), f.event.as_str()) {
+            ("phoenix", "heartbeat") => out.push(codec::reply(
+                self.vsn, f.join_ref, f.msg_ref, "phoenix", "ok", "{}",
+            )),
+            (_, "phx_join") => self.join(f, out),
+            (_, "phx_leave") => self.leave(f, out),
+            _ => self.push(f, out),
+        }
+    }
+
+    fn join(&mut self, f: InFrame<'_>, out: &mut Vec<String>) {
+        let gateway = self.gateway.clone();
+        let topic = f.topic;
+        if topic == "phoenix" || !gateway.config.topic_allowed(&topic) {
+            return self.reply_error(None, f.msg_ref, &topic, "unmatched topic", out);
+        }
+        if !self.channels.contains_key(&topic) && self.channels.len() >= gateway.config.max_channels
+        {
+            return self.reply_error(
+                f.join_ref,
+                f.msg_ref,
+                &topic,
+                "too many channels joined",
+                out,
+            );
+        }
+        let recover = match parse_recover(f.payload) {
+            Ok(recover) => recover,
+            Err(reason) => return self.reply_error(f.join_ref, f.msg_ref, &topic, reason, out),
+        };
+        let Some(link) = gateway.routing.route(&topic) else {
+            return self.reply_error(f.join_ref, f.msg_ref, &topic, "unavailable", out);
+        };
+        let sub = gateway.next_sub.fetch_add(1, Relaxed);
+        let join_ref: Option<Arc<str>> = f.join_ref.map(Arc::from);
+        let pending = Pending::Join {
+            conn: self.conn.clone(),
+            topic: topic.clone(),
+            sub,
+            key: GroupKey::new(self.vsn, join_ref.clone()),
+        };
+        if link
+            .request(|id| Up::subscribe(id, topic.clone(), sub, recover), pending)
+            .is_err()
+        {
+            return self.reply_error(f.join_ref, f.msg_ref, &topic, "unavailable", out);
+        }
+        Metrics::inc(&gateway.metrics.joins);
+        let mut channel = Channel {
+            join_ref,
+            sub,
+            node: link.node().clone(),
+            state: ChannelState::Joining {
+                msg_ref: f.msg_ref.map(Box::from),
+            },
+            replaces: None,
+        };
+        if let Some(mut old) = self.channels.remove(&topic) {
+            // Only the newest earlier join is closed; anything it replaced goes now.
+            if let Some(older) = old.replaces.take() {
+                self.release(&topic, &older);
+            }
+            channel.replaces = Some(Box::new(old));
+        }
+        self.channels.insert(topic, channel);
+    }
+
+    fn leave(&mut self, f: InFrame<'_>, out: &mut Vec<String>) {
+        let Some(channel) = self.channels.remove(&f.topic) else {
+            return self.reply_error(None, f.msg_ref, &f.topic, "unmatched topic", out);
+        };
+        out.push(codec::reply(
+            self.vsn, f.join_ref, f.msg_ref, &f.topic, "ok", "{}",
+        ));
+        out.push(codec::close(
+            self.vsn,
+            channel.join_ref.as_deref(),
+            &f.topic,
+        ));
+        self.release(&f.topic, &channel);
+        if let Some(old) = &channel.replaces {
+            self.release(&f.topic, old);
+        }
+    }
+
+    fn push(&mut self, f: InFrame<'_>, out: &mut Vec<String>) {
+        let Some(channel) = self
+            .channels
+            .get(&f.topic)
+            .filter(|c| matches!(c.state, ChannelState::Joined))
+        else {
+            return self.reply_error(None, f.msg_ref, &f.topic, "unmatched topic", out);
+        };
+        if f.event.starts_with("phx_") {
+            return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unsupported event", out);
+        }
+        let (event, payload) = if f.event == "publish" {
+            match serde_json::from_str::<(String, &RawValue)>(f.payload) {
+                Ok((event, payload)) => (event, payload.get()),
+                Err(_) => {
+                    return self.reply_error(
+                        f.join_ref,
+                        f.msg_ref,
+                        &f.topic,
+                        "publish payload must be [event, payload]",
+                        out,
+                    );
+                }
+            }
+        } else {
+            (f.event.clone(), f.payload)
+        };
+        let Some(link) = self.gateway.routing.link(&channel.node) else {
+            return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unavailable", out);
+        };
+        let reply = ReplyTo {
+            conn: self.conn.clone(),
+            vsn: self.vsn,
+            join_ref: f.join_ref.map(Box::from),
+            msg_ref: f.msg_ref.map(Box::from),
+            topic: f.topic.clone(),
+        };
+        let bytes = bytes::Bytes::copy_from_slice(payload.as_bytes());
+        let topic = f.topic.clone();
+        if link
+            .request(
+                |id| Up::publish(id, topic, event, bytes),
+                Pending::Publish(reply),
+            )
+            .is_err()
+        {
+            return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unavailable", out);
+        }
+        Metrics::inc(&self.gateway.metrics.publishes);
+    }
+
+    /// Applies one inbox event.
+    pub fn on_event(&mut self, event: ConnEvent, out: &mut Vec<Message>) {
+        let text = |s: String| Message::Text(Utf8Bytes::from(s));
+        match event {
+            ConnEvent::Frame(bytes) => out.push(Message::Text(bytes)),
+            ConnEvent::Joined {
+                topic,
+                sub,
+                node,
+                epoch,
+                offset,
+            } => {
+                let Some(channel) = self.channels.get_mut(&topic).filter(|c| c.sub == sub) else {
+                    // A join that was left or replaced while in flight.
+                    return self.release_sub(&topic, sub, &node);
+                };
+                let ChannelState::Joining { msg_ref } =
+                    std::mem::replace(&mut channel.state, ChannelState::Joined)
+                else {
+                    return;
+                };
+                let response = format!(r#"{{"epoch":"{epoch:016x}","offset":{offset}}}"#);
+                let join_ref = channel.join_ref.clone();
+                out.push(text(codec::reply(
+                    self.vsn,
+                    join_ref.as_deref(),
+                    msg_ref.as_deref(),
+                    &topic,
+                    "ok",
+                    &response,
+                )));
+                if let Some(old) = channel.replaces.take() {
+                    out.push(text(codec::close(
+                        self.vsn,
+                        old.join_ref.as_deref(),
+                        &topic,
+                    )));
+                    self.release(&topic, &old);
+                }
+            }
+            ConnEvent::JoinFailed { topic, sub, reason } => {
+                if self.channels.get(&topic).is_none_or(|c| c.sub != sub) {
+                    return;
+                }
+                let channel = self.channels.remove(&topic).expect("checked above");
+                if let ChannelState::Joining { msg_ref } = &channel.state {
+                    let reply = codec::error_reply(
+                        self.vsn,
+                        channel.join_ref.as_deref(),
+                        msg_ref.as_deref(),
+                        &topic,
+                        &reason,
+                    );
+                    out.push(text(reply));
+                }
+                if let Some(old) = channel.replaces {
+                    out.push(text(codec::close(
+                        self.vsn,
+                        old.join_ref.as_deref(),
+                        &topic,
+                    )));
+                    self.release(&topic, &old);
+                }
+            }
+            ConnEvent::Interrupted { topic, sub, reason } => {
+                let Some(channel) = self.channels.get_mut(&topic) else {
+                    return;
+                };
+                if channel.replaces.as_ref().is_some_and(|old| old.sub == sub) {
+                    channel.replaces = None;
+                    return;
+                }
+                if channel.sub != sub {
+                    return;
+                }
+                let channel = self.channels.remove(&topic).expect("checked above");
+                out.push(text(codec::channel_error(
+                    self.vsn,
+                    channel.join_ref.as_deref(),
+                    &topic,
+                    reason,
+                )));
+            }
+        }
+    }
+
+    fn release(&self, topic: &str, channel: &Channel) {
+        self.release_sub(topic, channel.sub, &channel.node);
+    }
+
+    /// Drops a subscription here and at its topic server.
+    fn release_sub(&self, topic: &str, sub: u64, node: &str) {
+        self.gateway.index.remove(topic, sub);
+        if let Some(link) = self.gateway.routing.link(node) {
+            link.unsubscribe(topic, sub);
+        }
+    }
+
+    /// Releases every subscription of the connection (it is closing).
+    pub fn release_all(&mut self) {
+        for (topic, channel) in std::mem::take(&mut self.channels) {
+            self.release(&topic, &channel);
+            if let Some(old) = &channel.replaces {
+                self.release(&topic, old);
+            }
+        }
+    }
+}
+
+/// Reads `{"recover": {"epoch": "<hex>", "offset": N}}` from a join payload.
+fn parse_recover(payload: &str) -> Result<Option<Position>, &'static str> {
+    #[derive(serde::Deserialize)]
+    struct Recover {
+        epoch: String,
+        offset: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct JoinPayload {
+        recover: Option<Recover>,
+    }
+    // Any payload is accepted for a plain join; only a present `recover` must be well formed.
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(payload) else {
+        return Ok(None);
+    };
+    if value.get("recover").is_none_or(|r| r.is_null()) {
+        return Ok(None);
+    }
+    let parsed: JoinPayload =
+        serde_json::from_value(value).map_err(|_| "invalid recover position")?;
+    let recover = parsed.recover.expect("checked above");
+    let epoch = u64::from_str_radix(&recover.epoch, 16).map_err(|_| "invalid recover position")?;
+    Ok(Some(Position {
+        epoch,
+        offset: recover.offset,
+    }))
+}
+
+/// Runs one websocket connection until the client leaves, is cut, or the gateway stops.
+pub async fn serve(mut socket: WebSocket, vsn: Vsn, gateway: Arc<Gateway>) {
+    let id = gateway.next_conn.fetch_add(1, Relaxed);
+    let (conn, mut inbox) = ConnHandle::new(id, gateway.config.client_queue);
+    let mut session = Session::new(vsn, conn.clone(), gateway.clone());
+    let idle_timeout = gateway.config.idle_timeout;
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
+    let mut replies: Vec<String> = Vec::new();
+    let mut out: Vec<Message> = Vec::new();
+    let mut events = Vec::with_capacity(INBOX_BATCH);
+
+    let close: Option<(u16, &'static str)> = loop {
+        tokio::select! {
+            biased;
+            cut = conn.cut_requested() => break Some(match cut {
+                Cut::SlowConsumer => {
+                    Metrics::inc(&gateway.metrics.slow_consumers);
+                    (close::TRY_AGAIN_LATER, "slow consumer")
+                }
+            }),
+            _ = gateway.shutdown.cancelled() => break Some((close::RESTART, "server restart")),
+            _ = &mut idle => break Some((close::GOING_AWAY, "idle timeout")),
+            message = socket.recv() => {
+                idle.as_mut().reset(Instant::now() + idle_timeout);
+                let flood = match message {
+                    Some(Ok(Message::Text(text))) => session.on_text(text.as_str(), &mut replies),
+                    Some(Ok(Message::Binary(_))) => session.count_malformed(),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => false,
+                    Some(Ok(Message::Close(_))) | None => break None,
+                    Some(Err(e)) => break read_error(&e),
+                };
+                if flood {
+                    break Some((close::POLICY, "too many malformed frames"));
+                }
+                out.extend(replies.drain(..).map(|s| Message::Text(Utf8Bytes::from(s))));
+            }
+            n = inbox.recv_many(&mut events, INBOX_BATCH) => {
+                if n == 0 {
+                    break None;
+                }
+                for event in events.drain(..) {
+                    session.on_event(event, &mut out);
+                }
+            }
+        }
+        if !out.is_empty() {
+            let written = tokio::select! {
+                written = write_all(&mut socket, &mut out) => written,
+                _ = conn.cut_requested() => continue,
+            };
+            if written.is_err() {
+                break None;
+            }
+        }
+    };
+
+    // Stop taking events before releasing, so nothing new is indexed for this connection.
+    inbox.close();
+    drop(inbox);
+    session.release_all();
+    if let Some((code, reason)) = close {
+        tracing::debug!(conn = id, code, reason, "closing connection");
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }));
+        let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(frame)).await;
+    }
+}
+
+/// Feeds every queued message and flushes once.
+async fn write_all(socket: &mut WebSocket, out: &mut Vec<Message>) -> Result<(), axum::Error> {
+    for message in out.drain(..) {
+        socket.feed(message).await?;
+    }
+    socket.flush().await
+}
+
+/// Maps a read error to a close: an oversized message gets 1009, anything else just ends.
+fn read_error(e: &axum::Error) -> Option<(u16, &'static str)> {
+    let text = e.to_string();
+    if text.contains("Space limit exceeded")
+        || text.contains("too long")
+        || text.contains("Message too long")
+        || text.contains("capacity")
+    {
+        Some((close::TOO_BIG, "message too big"))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recover_positions() {
+        assert_eq!(parse_recover("{}"), Ok(None));
+        assert_eq!(parse_recover("[1,2]"), Ok(None));
+        assert_eq!(parse_recover(r#""text""#), Ok(None));
+        assert_eq!(parse_recover(r#"{"recover":null}"#), Ok(None));
+        assert_eq!(
+            parse_recover(r#"{"recover":{"epoch":"00000000000000ff","offset":7}}"#),
+            Ok(Some(Position {
+                epoch: 255,
+                offset: 7
+            }))
+        );
+        assert!(parse_recover(r#"{"recover":{"epoch":"zz","offset":7}}"#).is_err());
+        assert!(parse_recover(r#"{"recover":{"offset":7}}"#).is_err());
+        assert!(parse_recover(r#"{"recover":5}"#).is_err());
+    }
+}

@@ -1,0 +1,110 @@
+//! The topic server's configuration: typed, documented, read from the environment here only.
+//!
+//! `Config` is plain data so tests build it directly; `Config::from_env` parses the
+//! environment (and `--help`) with clap, and every error names the variable at fault.
+
+use clap::Parser;
+use ringcast_ring::{Ring, RingSource};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything a topic server needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's id in the ring (`TOPIC_SERVER_ID`).
+    pub node_id: String,
+    /// The ring this node belongs to, and where it was read from.
+    pub ring: Ring,
+    pub ring_source: RingSource,
+    /// Stream messages queued per gateway before that gateway is cut off as too slow.
+    pub stream_queue: usize,
+    /// HTTP/2 keepalive ping interval; a gateway silent for this long again is dropped.
+    pub keepalive: Duration,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: usize,
+}
+
+impl Config {
+    /// A config for tests and embedding: defaults for every limit.
+    pub fn new(node_id: impl Into<String>, ring: Ring, ring_source: RingSource) -> Self {
+        Config {
+            node_id: node_id.into(),
+            ring,
+            ring_source,
+            stream_queue: 65_536,
+            keepalive: Duration::from_secs(5),
+            max_message_bytes: 16 * 1024 * 1024,
+        }
+    }
+
+    /// Reads the environment (and command line); exits with a message naming the bad
+    /// variable when something is wrong. `--help` lists every variable.
+    pub fn from_env() -> Result<(SocketAddr, Config), String> {
+        Cli::parse().into_config()
+    }
+}
+
+/// ringcast topic server: owns the topics the ring places on it, orders their messages and
+/// fans each one out as one delivery per gateway.
+///
+/// Every setting is an environment variable (a flag of the same meaning exists for each).
+#[derive(Debug, Parser)]
+#[command(name = "topic-server", version, about, long_about = None)]
+struct Cli {
+    /// Address for gRPC and the HTTP status endpoint (`GET /status`).
+    #[arg(
+        long,
+        env = "TOPIC_SERVER_LISTEN",
+        value_name = "TOPIC_SERVER_LISTEN",
+        default_value = "127.0.0.1:7001"
+    )]
+    listen: SocketAddr,
+    /// This node's id; must be one of the ring's node ids.
+    #[arg(long, env = "TOPIC_SERVER_ID", value_name = "TOPIC_SERVER_ID")]
+    id: String,
+    /// Path to the ring config (TOML).
+    #[arg(
+        long,
+        env = "RING_CONFIG",
+        value_name = "RING_CONFIG",
+        conflicts_with = "ring_nodes"
+    )]
+    ring_config: Option<std::path::PathBuf>,
+    /// Quick-start ring: `id=host:port,id=host:port` (version 1, never reloaded).
+    #[arg(long, env = "RING_NODES", value_name = "RING_NODES")]
+    ring_nodes: Option<String>,
+    /// Messages queued per gateway stream before the gateway is cut off as too slow.
+    #[arg(long, env = "TOPIC_SERVER_STREAM_QUEUE", value_name = "TOPIC_SERVER_STREAM_QUEUE", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(16..))]
+    stream_queue: u32,
+    /// Seconds between HTTP/2 keepalive pings to gateways (also the ping timeout).
+    #[arg(long, env = "TOPIC_SERVER_KEEPALIVE_SECS", value_name = "TOPIC_SERVER_KEEPALIVE_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    keepalive_secs: u64,
+}
+
+impl Cli {
+    fn into_config(self) -> Result<(SocketAddr, Config), String> {
+        let source = match (self.ring_config, self.ring_nodes) {
+            (Some(path), _) => RingSource::File(path),
+            (None, Some(list)) => RingSource::List(list),
+            (None, None) => {
+                return Err(
+                    "set RING_CONFIG (path to the ring TOML) or RING_NODES (id=host:port,...)"
+                        .into(),
+                );
+            }
+        };
+        let ring = source.load()?;
+        if ring.node(&self.id).is_none() {
+            let ids: Vec<&str> = ring.nodes().iter().map(|n| n.id.as_str()).collect();
+            return Err(format!(
+                "TOPIC_SERVER_ID `{}` is not a node of the ring (nodes: {})",
+                self.id,
+                ids.join(", ")
+            ));
+        }
+        let mut config = Config::new(self.id, ring, source);
+        config.stream_queue = self.stream_queue as usize;
+        config.keepalive = Duration::from_secs(self.keepalive_secs);
+        Ok((self.listen, config))
+    }
+}

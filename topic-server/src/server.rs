@@ -1,0 +1,79 @@
+//! The topic server process: gRPC and the HTTP status endpoint on one listener.
+//!
+//! `run` is what the binary and the tests call; it returns when `shutdown` is cancelled
+//! and every gateway stream has been closed.
+
+use crate::config::Config;
+use crate::service::{Ownership, ServiceLimits, TopicService};
+use axum::{Json, Router, extract::State, routing::get};
+use futures::StreamExt;
+use ringcast_proto::{DownBatch, TopicServer, TopicServerServer, UpBatch};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+/// The gRPC face of [`TopicService`].
+#[derive(Debug, Clone)]
+pub struct GrpcTopicServer(pub TopicService);
+
+#[tonic::async_trait]
+impl TopicServer for GrpcTopicServer {
+    type AttachStream = futures::stream::BoxStream<'static, Result<DownBatch, Status>>;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<UpBatch>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        Ok(Response::new(
+            self.0.open_link(request.into_inner()).boxed(),
+        ))
+    }
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let service = TopicService::new(
+        Ownership::ring(config.node_id.clone(), config.ring.clone()),
+        ServiceLimits {
+            stream_queue: config.stream_queue,
+        },
+        shutdown.child_token(),
+    );
+    tracing::info!(addr = %listener.local_addr()?, node = %config.node_id, ring_version = config.ring.version(), "topic server listening");
+
+    let grpc = TopicServerServer::new(GrpcTopicServer(service.clone()))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    let http = Router::new()
+        .route("/status", get(status))
+        .with_state(service.clone());
+    let routes = tonic::service::Routes::from(http).add_service(grpc);
+
+    let stopping = shutdown.clone();
+    let closer = service.clone();
+    let server = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(config.keepalive))
+        .http2_keepalive_timeout(Some(config.keepalive))
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(8 * 1024 * 1024))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            stopping.cancelled().await;
+            // Long-lived gateway streams would hold graceful shutdown open: end them.
+            closer.close_all().await;
+        });
+    server.await?;
+    tracing::info!("topic server stopped");
+    Ok(())
+}
+
+async fn status(State(service): State<TopicService>) -> Json<crate::service::StatusSnapshot> {
+    Json(service.status())
+}
