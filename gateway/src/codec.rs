@@ -137,6 +137,36 @@ fn decode_v1(text: &str) -> Result<InFrame<'_>, Malformed<'_>> {
     }
 }
 
+/// Removes the insignificant whitespace of valid JSON text, keeping key order and number
+/// spelling, so deliveries carry compact JSON (as Phoenix's re-encoding does).
+pub fn compact(json: &str) -> std::borrow::Cow<'_, str> {
+    let bytes = json.as_bytes();
+    let mut in_string = false;
+    let mut escaped = false;
+    let needs_work = bytes.iter().any(|b| b.is_ascii_whitespace());
+    if !needs_work {
+        return std::borrow::Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\n' | '\r' | '\t') {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// JSON text of a string.
 pub fn json_string(s: &str) -> String {
     serde_json::to_string(s).expect("strings always serialize")
@@ -320,6 +350,18 @@ mod tests {
     }
 
     #[test]
+    fn compact_strips_only_insignificant_whitespace() {
+        assert_eq!(
+            compact(r#"{ "message": "red pill or blue pill?"}"#),
+            r#"{"message":"red pill or blue pill?"}"#
+        );
+        assert_eq!(compact("[1, 2,\n 3]"), "[1,2,3]");
+        assert_eq!(compact(r#" "a \" b " "#), r#""a \" b ""#);
+        assert_eq!(compact(r#"{"z":1,"a":[ ]}"#), r#"{"z":1,"a":[]}"#);
+        assert!(matches!(compact("[1,2]"), std::borrow::Cow::Borrowed(_)));
+    }
+
+    #[test]
     fn vsn_selection() {
         assert_eq!(Vsn::from_query(None), Ok(Vsn::V1));
         assert_eq!(Vsn::from_query(Some("1.0.0")), Ok(Vsn::V1));
@@ -491,6 +533,9 @@ mod tests {
             // What the server sends back decodes to the same parts.
             let out = DeliveryFrame::new(&f.topic, &f.event, f.payload).encode(Vsn::V2, f.join_ref);
             prop_assert_eq!(parse(&out), json!([join_ref, null, topic, event, payload]));
+            let pretty = serde_json::to_string_pretty(&payload).unwrap();
+            prop_assert_eq!(parse(&compact(&pretty)), payload.clone());
+            prop_assert_eq!(compact(&pretty), serde_json::to_string(&payload).unwrap());
         }
 
         #[test]

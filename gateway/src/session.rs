@@ -238,7 +238,7 @@ impl Session {
             msg_ref: f.msg_ref.map(Box::from),
             topic: f.topic.clone(),
         };
-        let bytes = bytes::Bytes::copy_from_slice(payload.as_bytes());
+        let bytes = bytes::Bytes::copy_from_slice(codec::compact(payload).as_bytes());
         let topic = f.topic.clone();
         if link
             .request(

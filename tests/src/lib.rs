@@ -1,1 +1,39 @@
+//! ringcast's cluster harness: real processes on ephemeral ports, real websocket clients,
+//! and the phoenix.js driver, for the end-to-end tests in `tests/tests/`.
+//!
+//! Processes are the binaries cargo built (`target/<profile>/gateway`, `topic-server`),
+//! killed when their handle drops. Everything waits on events with timeouts, never sleeps.
 
+pub mod cluster;
+pub mod node;
+pub mod ws;
+
+pub use cluster::{Cluster, ClusterSpec, Proc};
+pub use node::NodeClient;
+pub use ws::WsClient;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// How long any single expected event may take before a test fails.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Polls `check` until it returns `Some`, failing the test after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(5);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,71 @@
+// phoenix.js driver for the ringcast end-to-end tests.
+//
+// Usage: node driver.mjs ws://127.0.0.1:PORT/socket
+// Reads one JSON command per line on stdin, writes one JSON event per line on stdout:
+//   {"op":"join","topic":T,"params":{...}}        -> join_ok / join_error / join_timeout
+//   {"op":"push","topic":T,"event":E,"payload":P} -> push_ok / push_error / push_timeout
+//   {"op":"leave","topic":T}                      -> leave_ok
+//   {"op":"exit"}
+// and, as they happen: open, close, message (every non-phx event of a joined channel),
+// channel_error, channel_close.
+import { Socket } from "phoenix";
+import WebSocket from "ws";
+import readline from "node:readline";
+
+const url = process.argv[2];
+const out = (event) => process.stdout.write(JSON.stringify(event) + "\n");
+
+// transport: WebSocket is required under Node, or phoenix.js falls back to long-polling.
+const socket = new Socket(url, {
+  transport: WebSocket,
+  reconnectAfterMs: () => 100,
+  rejoinAfterMs: () => 200,
+});
+socket.onOpen(() => out({ ev: "open" }));
+socket.onClose((e) => out({ ev: "close", code: e.code }));
+socket.connect();
+
+const channels = new Map();
+
+function join(topic, params) {
+  const channel = socket.channel(topic, params || {});
+  channels.set(topic, channel);
+  channel.onMessage = (event, payload) => {
+    if (!event.startsWith("phx_") && !event.startsWith("chan_reply_")) {
+      out({ ev: "message", topic, event, payload });
+    }
+    return payload;
+  };
+  channel.onError((reason) => out({ ev: "channel_error", topic, reason }));
+  channel.onClose(() => out({ ev: "channel_close", topic }));
+  channel
+    .join()
+    .receive("ok", (response) => out({ ev: "join_ok", topic, response }))
+    .receive("error", (response) => out({ ev: "join_error", topic, response }))
+    .receive("timeout", () => out({ ev: "join_timeout", topic }));
+}
+
+const rl = readline.createInterface({ input: process.stdin });
+rl.on("line", (line) => {
+  if (!line.trim()) return;
+  const cmd = JSON.parse(line);
+  const channel = channels.get(cmd.topic);
+  switch (cmd.op) {
+    case "join":
+      join(cmd.topic, cmd.params);
+      break;
+    case "push":
+      channel
+        .push(cmd.event, cmd.payload)
+        .receive("ok", (response) => out({ ev: "push_ok", topic: cmd.topic, event: cmd.event, response }))
+        .receive("error", (response) => out({ ev: "push_error", topic: cmd.topic, event: cmd.event, response }))
+        .receive("timeout", () => out({ ev: "push_timeout", topic: cmd.topic, event: cmd.event }));
+      break;
+    case "leave":
+      channel.leave().receive("ok", () => out({ ev: "leave_ok", topic: cmd.topic }));
+      break;
+    case "exit":
+      process.exit(0);
+  }
+});
+rl.on("close", () => process.exit(0));

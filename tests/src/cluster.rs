@@ -1,0 +1,268 @@
+//! Starts real `topic-server` and `gateway` processes on ephemeral loopback ports.
+
+use crate::{EVENT_TIMEOUT, eventually};
+use parking_lot::Mutex;
+use serde_json::Value;
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+
+/// Where cargo put the binaries: `RINGCAST_BIN_DIR`, or the profile directory above this
+/// test executable (`target/debug/deps/..` -> `target/debug`).
+pub fn bin_path(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("RINGCAST_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().expect("test executable path");
+            let deps = exe.parent().expect("deps dir");
+            if deps.ends_with("deps") {
+                deps.parent().expect("profile dir").to_path_buf()
+            } else {
+                deps.to_path_buf()
+            }
+        }
+    };
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first (`cargo test --workspace` builds them) or set RINGCAST_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port no other test of this process has been given. The kernel picks it
+/// (bind to port 0); the listener is closed just before the child binds it.
+pub fn free_port() -> u16 {
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(Default::default);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        if given.lock().insert(port) {
+            return port;
+        }
+    }
+}
+
+/// A child process, killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, binary: &str, addr: SocketAddr, env: &[(&str, String)]) -> Proc {
+        let mut command = Command::new(bin_path(binary));
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env(
+                "RUST_LOG",
+                std::env::var("RINGCAST_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
+        Proc {
+            name: name.to_owned(),
+            addr,
+            child: Some(child),
+        }
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        child.wait().ok()
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// `GET /status` as JSON, or `None` while the process is not answering.
+    pub async fn try_status(&self) -> Option<Value> {
+        let response = reqwest::get(self.http("/status")).await.ok()?;
+        response.json().await.ok()
+    }
+
+    pub async fn status(&self) -> Value {
+        self.try_status()
+            .await
+            .unwrap_or_else(|| panic!("{} does not answer /status", self.name))
+    }
+
+    /// Waits until `check(status)` holds.
+    pub async fn wait_status(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        eventually(&format!("{}: {what}", self.name), EVENT_TIMEOUT, || async {
+            self.try_status().await.filter(|s| check(s))
+        })
+        .await
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub topic_servers: usize,
+    pub gateways: usize,
+    /// Extra environment for every gateway.
+    pub gateway_env: Vec<(String, String)>,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            topic_servers: 2,
+            gateways: 2,
+            gateway_env: Vec::new(),
+        }
+    }
+}
+
+/// Topic servers and gateways sharing one ring file.
+#[derive(Debug)]
+pub struct Cluster {
+    pub topic_servers: Vec<Proc>,
+    pub gateways: Vec<Proc>,
+    pub ring_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Writes a ring config with these `(id, addr)` nodes.
+pub fn write_ring(path: &Path, version: u64, nodes: &[(String, SocketAddr)]) {
+    let mut text = format!("version = {version}\n");
+    for (id, addr) in nodes {
+        text.push_str(&format!("\n[[nodes]]\nid = \"{id}\"\naddr = \"{addr}\"\n"));
+    }
+    std::fs::write(path, text).expect("write ring config");
+}
+
+impl Cluster {
+    /// 2 topic servers and 2 gateways, ready: every gateway's links are up.
+    pub async fn start() -> Cluster {
+        Cluster::start_with(ClusterSpec::default()).await
+    }
+
+    pub async fn start_with(spec: ClusterSpec) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ring_path = dir.path().join("ring.toml");
+        let nodes: Vec<(String, SocketAddr)> = (0..spec.topic_servers)
+            .map(|i| {
+                (
+                    format!("ts-{}", (b'a' + i as u8) as char),
+                    SocketAddr::from(([127, 0, 0, 1], free_port())),
+                )
+            })
+            .collect();
+        write_ring(&ring_path, 1, &nodes);
+        let ring = ring_path.display().to_string();
+        let topic_servers: Vec<Proc> = nodes
+            .iter()
+            .map(|(id, addr)| {
+                Proc::spawn(
+                    id,
+                    "topic-server",
+                    *addr,
+                    &[
+                        ("TOPIC_SERVER_LISTEN", addr.to_string()),
+                        ("TOPIC_SERVER_ID", id.clone()),
+                        ("RING_CONFIG", ring.clone()),
+                    ],
+                )
+            })
+            .collect();
+        let gateways: Vec<Proc> = (0..spec.gateways)
+            .map(|i| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                let mut env = vec![
+                    ("GATEWAY_LISTEN", addr.to_string()),
+                    ("GATEWAY_ID", format!("gw-{i}")),
+                    ("RING_CONFIG", ring.clone()),
+                ];
+                env.extend(
+                    spec.gateway_env
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.clone())),
+                );
+                Proc::spawn(&format!("gw-{i}"), "gateway", addr, &env)
+            })
+            .collect();
+        let cluster = Cluster {
+            topic_servers,
+            gateways,
+            ring_path,
+            _dir: dir,
+        };
+        for ts in &cluster.topic_servers {
+            ts.wait_status("up", |_| true).await;
+        }
+        for gw in &cluster.gateways {
+            gw.wait_status("all links connected", |s| {
+                s["links"]
+                    .as_array()
+                    .is_some_and(|links| links.iter().all(|l| l["connected"] == true))
+            })
+            .await;
+        }
+        cluster
+    }
+
+    /// `ws://.../socket/websocket?vsn=2.0.0` of gateway `i`.
+    pub fn ws_url(&self, i: usize) -> String {
+        ws_url(self.gateways[i].addr)
+    }
+
+    /// `ws://.../socket` of gateway `i`, as phoenix.js takes it.
+    pub fn socket_url(&self, i: usize) -> String {
+        format!("ws://{}/socket", self.gateways[i].addr)
+    }
+}
+
+pub fn ws_url(addr: SocketAddr) -> String {
+    format!("ws://{addr}/socket/websocket?vsn=2.0.0")
+}
+
+/// One gateway with no ring: the embedded single-node mode.
+pub async fn start_embedded_gateway(env: &[(&str, String)]) -> Proc {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut all = vec![("GATEWAY_LISTEN", addr.to_string())];
+    all.extend(env.iter().cloned());
+    let gw = Proc::spawn("gw-embedded", "gateway", addr, &all);
+    gw.wait_status("all links connected", |s| {
+        s["links"][0]["connected"] == true
+    })
+    .await;
+    gw
+}
