@@ -12,21 +12,23 @@ fn js_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("js")
 }
 
-/// Installs phoenix.js and ws (`npm ci`) once per test process if they are missing.
+/// Installs phoenix.js and ws for the driver (`npm ci`) once per test process if missing.
 pub fn ensure_npm_packages() {
     static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        let dir = js_dir();
-        if dir.join("node_modules/phoenix").exists() && dir.join("node_modules/ws").exists() {
-            return;
-        }
-        let status = std::process::Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir)
-            .status()
-            .expect("run npm (is Node.js installed?)");
-        assert!(status.success(), "npm ci in {} failed", dir.display());
-    });
+    INSTALLED.get_or_init(|| ensure_npm_packages_in(&js_dir()));
+}
+
+/// Runs `npm ci` in `dir` unless its phoenix and ws packages are already installed.
+pub fn ensure_npm_packages_in(dir: &std::path::Path) {
+    if dir.join("node_modules/phoenix").exists() && dir.join("node_modules/ws").exists() {
+        return;
+    }
+    let status = std::process::Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .status()
+        .expect("run npm (is Node.js installed?)");
+    assert!(status.success(), "npm ci in {} failed", dir.display());
 }
 
 /// A phoenix.js client in a Node process, killed on drop.

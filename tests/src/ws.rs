@@ -148,6 +148,25 @@ impl WsClient {
         self.until_reply(&msg_ref, "ok").await
     }
 
+    /// After a heartbeat: true if the connection is gone (closed or reset), false if the
+    /// heartbeat was answered.
+    pub async fn sync_or_closed(&mut self) -> bool {
+        let heartbeat = Message::Text(r#"[null,"hb","phoenix","heartbeat",{}]"#.into());
+        if self.ws.send(heartbeat).await.is_err() {
+            return true;
+        }
+        loop {
+            match tokio::time::timeout(EVENT_TIMEOUT, self.ws.next())
+                .await
+                .expect("timed out")
+            {
+                Some(Ok(Message::Text(t))) if t.as_str().contains(r#""hb""#) => return false,
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return true,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
     /// Reads `n` frames.
     pub async fn recv_n(&mut self, n: usize) -> Vec<Value> {
         let mut frames = Vec::with_capacity(n);

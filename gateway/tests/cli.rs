@@ -1,0 +1,94 @@
+//! The `gateway` binary's configuration errors: each names the variable and exits non-zero.
+
+use std::process::{Command, Output};
+
+fn gateway(env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
+    command.env_clear().args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    run_bounded(command)
+}
+
+/// Runs to completion, but kills the process and fails if it is still running after 10 s
+/// (a config that should be refused was accepted and the server started).
+fn run_bounded(mut command: Command) -> Output {
+    use std::process::Stdio;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            let out = child.wait_with_output().expect("wait");
+            panic!(
+                "still running after 10 s; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn help_lists_every_variable() {
+    let out = gateway(&[], &["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "GATEWAY_LISTEN",
+        "GATEWAY_ID",
+        "RING_CONFIG",
+        "RING_NODES",
+        "GATEWAY_MAX_CONNECTIONS",
+        "GATEWAY_MAX_CHANNELS",
+        "GATEWAY_CLIENT_QUEUE",
+        "GATEWAY_MAX_FRAME_BYTES",
+        "GATEWAY_IDLE_TIMEOUT_SECS",
+        "GATEWAY_TOPICS",
+        "GATEWAY_KEEPALIVE_SECS",
+    ] {
+        assert!(help.contains(var), "--help does not mention {var}:\n{help}");
+    }
+}
+
+#[test]
+fn bad_values_name_their_variable() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("GATEWAY_LISTEN", "not-an-address")], "GATEWAY_LISTEN"),
+        (&[("GATEWAY_MAX_CHANNELS", "0")], "GATEWAY_MAX_CHANNELS"),
+        (&[("GATEWAY_CLIENT_QUEUE", "lots")], "GATEWAY_CLIENT_QUEUE"),
+        (
+            &[("GATEWAY_IDLE_TIMEOUT_SECS", "-1")],
+            "GATEWAY_IDLE_TIMEOUT_SECS",
+        ),
+        (&[("RING_NODES", "ts-a")], "RING_NODES"),
+        (&[("RING_NODES", "ts-a=127.0.0.1:0")], "RING_NODES"),
+        (&[("RING_CONFIG", "/nonexistent/ring.toml")], "RING_CONFIG"),
+        (&[("GATEWAY_TOPICS", " , ")], "GATEWAY_TOPICS"),
+    ];
+    // A port that is already taken: binding fails, and the error names the variable.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let in_use: &[(&str, &str)] = &[("GATEWAY_LISTEN", &taken_addr)];
+    let cases: Vec<(&[(&str, &str)], &str)> = cases
+        .iter()
+        .copied()
+        .chain([(in_use, "GATEWAY_LISTEN")])
+        .collect();
+    for (env, var) in cases {
+        let out = gateway(env, &[]);
+        assert!(!out.status.success(), "{env:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(var),
+            "{env:?}: error should name {var}:\n{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{env:?} panicked:\n{stderr}");
+    }
+}

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Runs a local ringcast cluster in the foreground: 2 topic servers and 2 gateways on
+# loopback (more if you list more ports). Ctrl-C or SIGTERM stops all of them.
+#
+#   GATEWAY_PORTS=4000,4001        gateway ports (one gateway per port)
+#   TOPIC_SERVER_PORTS=7001,7002   topic-server ports (one topic server per port)
+#   RING_FILE=target/cluster/ring.toml   the ring config the processes share (edit it to rebalance)
+#   RINGCAST_BIN_DIR=...           use these binaries instead of building target/release
+#   RUST_LOG=info                  log level of every process
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+GATEWAY_PORTS=${GATEWAY_PORTS:-4000,4001}
+TOPIC_SERVER_PORTS=${TOPIC_SERVER_PORTS:-7001,7002}
+RING_FILE=${RING_FILE:-target/cluster/ring.toml}
+export RUST_LOG=${RUST_LOG:-info}
+
+ports() { # name value array: validates a port list into the named array
+  local name=$1 value=$2 port
+  local -n into=$3
+  IFS=',' read -r -a into <<<"$value"
+  [ ${#into[@]} -gt 0 ] || { echo "cluster.sh: $name is empty" >&2; exit 2; }
+  for port in "${into[@]}"; do
+    if ! [[ $port =~ ^[0-9]+$ ]] || [ "$port" -lt 1 ] || [ "$port" -gt 65535 ]; then
+      echo "cluster.sh: $name: '$port' is not a port number (1-65535)" >&2
+      exit 2
+    fi
+  done
+}
+ports GATEWAY_PORTS "$GATEWAY_PORTS" gateway_ports
+ports TOPIC_SERVER_PORTS "$TOPIC_SERVER_PORTS" topic_ports
+
+if [ -n "${RINGCAST_BIN_DIR:-}" ]; then
+  bin=$RINGCAST_BIN_DIR
+else
+  echo "building release binaries (cargo build --release)..." >&2
+  cargo build --release --quiet -p ringcast-gateway -p ringcast-topic-server
+  bin=target/release
+fi
+
+mkdir -p "$(dirname "$RING_FILE")"
+{
+  echo "# ringcast ring config: edit and save to rebalance (raise version on every edit)"
+  echo "version = 1"
+  for i in "${!topic_ports[@]}"; do
+    printf '\n[[nodes]]\nid = "ts-%d"\naddr = "127.0.0.1:%d"\n' $((i + 1)) "${topic_ports[$i]}"
+  done
+} >"$RING_FILE"
+
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait "${pids[@]}" 2>/dev/null || true
+}
+trap 'stop; exit 0' INT TERM
+trap stop EXIT
+
+for i in "${!topic_ports[@]}"; do
+  TOPIC_SERVER_ID="ts-$((i + 1))" TOPIC_SERVER_LISTEN="127.0.0.1:${topic_ports[$i]}" RING_CONFIG="$RING_FILE" \
+    "$bin/topic-server" &
+  pids+=($!)
+done
+for i in "${!gateway_ports[@]}"; do
+  GATEWAY_ID="gw-$((i + 1))" GATEWAY_LISTEN="127.0.0.1:${gateway_ports[$i]}" RING_CONFIG="$RING_FILE" \
+    "$bin/gateway" &
+  pids+=($!)
+done
+
+wait_port() { # port: wait up to 10 s for a listener
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "cluster.sh: nothing listens on 127.0.0.1:$1 after 10 s" >&2
+  return 1
+}
+for port in "${topic_ports[@]}" "${gateway_ports[@]}"; do wait_port "$port"; done
+
+echo
+echo "ringcast cluster is up (ring: $RING_FILE)"
+for port in "${topic_ports[@]}"; do echo "  topic server  http://127.0.0.1:$port/status"; done
+for port in "${gateway_ports[@]}"; do echo "  gateway       ws://127.0.0.1:$port/socket/websocket?vsn=2.0.0   (status: http://127.0.0.1:$port/status)"; done
+echo "Ctrl-C stops the cluster."
+echo "READY"
+
+# Stay in the foreground; if any process dies, stop the rest.
+set +e
+wait -n "${pids[@]}"
+code=$?
+echo "cluster.sh: a process exited (status $code); stopping the cluster" >&2
+exit "$code"

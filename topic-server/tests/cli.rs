@@ -1,0 +1,115 @@
+//! The `topic-server` binary's configuration errors: each names the variable and exits
+//! non-zero.
+
+use std::process::{Command, Output};
+
+fn topic_server(env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_topic-server"));
+    command.env_clear().args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    run_bounded(command)
+}
+
+/// Runs to completion, but kills the process and fails if it is still running after 10 s
+/// (a config that should be refused was accepted and the server started).
+fn run_bounded(mut command: Command) -> Output {
+    use std::process::Stdio;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            let out = child.wait_with_output().expect("wait");
+            panic!(
+                "still running after 10 s; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn help_lists_every_variable() {
+    let out = topic_server(&[], &["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "TOPIC_SERVER_LISTEN",
+        "TOPIC_SERVER_ID",
+        "RING_CONFIG",
+        "RING_NODES",
+        "TOPIC_SERVER_STREAM_QUEUE",
+        "TOPIC_SERVER_KEEPALIVE_SECS",
+    ] {
+        assert!(help.contains(var), "--help does not mention {var}:\n{help}");
+    }
+}
+
+#[test]
+fn bad_values_name_their_variable() {
+    let dir = std::env::temp_dir().join(format!("ringcast-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad_ring = dir.join("bad.toml");
+    std::fs::write(
+        &bad_ring,
+        "version = 1\n[[nodes]]\nid = \"ts-a\"\naddr = \"nowhere\"\n",
+    )
+    .unwrap();
+    let bad_ring = bad_ring.display().to_string();
+    let nodes = "ts-a=127.0.0.1:7001";
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("RING_NODES", nodes)], "TOPIC_SERVER_ID"),
+        (&[("TOPIC_SERVER_ID", "ts-a")], "RING_CONFIG"),
+        (
+            &[("TOPIC_SERVER_ID", "ts-z"), ("RING_NODES", nodes)],
+            "TOPIC_SERVER_ID `ts-z` is not a node of the ring",
+        ),
+        (
+            &[("TOPIC_SERVER_ID", "ts-a"), ("RING_CONFIG", &bad_ring)],
+            "nodes[0].addr",
+        ),
+        (
+            &[
+                ("TOPIC_SERVER_ID", "ts-a"),
+                ("RING_NODES", nodes),
+                ("TOPIC_SERVER_LISTEN", "x"),
+            ],
+            "TOPIC_SERVER_LISTEN",
+        ),
+        (
+            &[
+                ("TOPIC_SERVER_ID", "ts-a"),
+                ("RING_NODES", nodes),
+                ("TOPIC_SERVER_STREAM_QUEUE", "1"),
+            ],
+            "TOPIC_SERVER_STREAM_QUEUE",
+        ),
+        (
+            &[
+                ("TOPIC_SERVER_ID", "ts-a"),
+                ("RING_NODES", nodes),
+                ("TOPIC_SERVER_KEEPALIVE_SECS", "0"),
+            ],
+            "TOPIC_SERVER_KEEPALIVE_SECS",
+        ),
+    ];
+    for (env, needle) in cases {
+        let out = topic_server(env, &[]);
+        assert!(!out.status.success(), "{env:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(needle),
+            "{env:?}: error should mention {needle}:\n{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{env:?} panicked:\n{stderr}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
