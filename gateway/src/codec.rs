@@ -141,30 +141,30 @@ fn decode_v1(text: &str) -> Result<InFrame<'_>, Malformed<'_>> {
 /// spelling, so deliveries carry compact JSON (as Phoenix's re-encoding does).
 pub fn compact(json: &str) -> std::borrow::Cow<'_, str> {
     let bytes = json.as_bytes();
-    let mut in_string = false;
-    let mut escaped = false;
-    let needs_work = bytes.iter().any(|b| b.is_ascii_whitespace());
-    if !needs_work {
+    let is_ws = |b: u8| matches!(b, b' ' | b'\n' | b'\r' | b'\t');
+    if !bytes.iter().copied().any(is_ws) {
         return std::borrow::Cow::Borrowed(json);
     }
-    let mut out = String::with_capacity(json.len());
-    for c in json.chars() {
+    // Works on bytes: every byte JSON gives meaning to is ASCII, and the bytes of a
+    // multi-byte UTF-8 character are all >= 0x80, so they are copied untouched.
+    let mut out = Vec::with_capacity(bytes.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in bytes {
         if in_string {
-            out.push(c);
-            match (escaped, c) {
+            match (escaped, b) {
                 (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => in_string = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
                 _ => {}
             }
-        } else if c == '"' {
+        } else if b == b'"' {
             in_string = true;
-            out.push(c);
-        } else if !matches!(c, ' ' | '\n' | '\r' | '\t') {
-            out.push(c);
+        } else if is_ws(b) {
+            continue;
         }
+        out.push(b);
     }
-    std::borrow::Cow::Owned(out)
+    std::borrow::Cow::Owned(String::from_utf8(out).expect("only ASCII whitespace was removed"))
 }
 
 /// JSON text of a string.
@@ -552,10 +552,10 @@ mod tests {
         #[test]
         fn arbitrary_text_never_panics(text in ".*") {
             for vsn in [Vsn::V1, Vsn::V2] {
-                if let Err(m) = decode(vsn, &text) {
-                    if let Some(r) = malformed_reply(vsn, &m) {
-                        parse(&r);
-                    }
+                if let Err(m) = decode(vsn, &text)
+                    && let Some(r) = malformed_reply(vsn, &m)
+                {
+                    parse(&r);
                 }
             }
         }

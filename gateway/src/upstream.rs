@@ -254,7 +254,7 @@ impl UpstreamLink {
                     self.disconnect(&reason);
                 }
                 Err(e) => {
-                    if attempt == 0 || attempt % 20 == 0 {
+                    if attempt.is_multiple_of(20) {
                         tracing::warn!(node = %self.node, error = %e, "upstream link cannot connect");
                     }
                 }

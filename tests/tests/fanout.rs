@@ -128,7 +128,10 @@ async fn topics_are_isolated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_cut_and_does_not_slow_the_others() {
     let cluster = Cluster::start_with(ClusterSpec {
-        gateway_env: vec![("GATEWAY_CLIENT_QUEUE".into(), "16".into())],
+        gateway_env: vec![
+            ("GATEWAY_CLIENT_QUEUE".into(), "16".into()),
+            ("GATEWAY_MAX_FRAME_BYTES".into(), "1048576".into()),
+        ],
         ..Default::default()
     })
     .await;
@@ -141,8 +144,8 @@ async fn a_slow_consumer_is_cut_and_does_not_slow_the_others() {
     publisher.join_ok(topic, "1").await;
 
     // ~24 MB through a client that never reads: more than loopback socket buffers hold.
-    let chunk = "x".repeat(48 * 1024);
-    const MESSAGES: usize = 500;
+    let chunk = "x".repeat(512 * 1024);
+    const MESSAGES: usize = 48;
     let reader = tokio::spawn(async move {
         let mut n = 0;
         while n < MESSAGES {

@@ -345,3 +345,30 @@ async fn invalid_recover_positions_are_refused() {
         json!({"status":"error","response":{"reason":"invalid recover position"}})
     );
 }
+
+#[tokio::test]
+async fn idle_sockets_are_closed_with_1001() {
+    let gw = start_embedded_gateway(&[("GATEWAY_IDLE_TIMEOUT_SECS", "1".into())]).await;
+    let mut c = WsClient::connect(&ringcast_tests::cluster::ws_url(gw.addr)).await;
+    assert_eq!(
+        c.recv_end().await,
+        Ended::Closed(Some((1001, "idle timeout".into())))
+    );
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_with_1012() {
+    let mut gw = start_embedded_gateway(&[]).await;
+    let mut c = WsClient::connect(&ringcast_tests::cluster::ws_url(gw.addr)).await;
+    c.join_ok("room:bye", "1").await;
+    let stopping = tokio::task::spawn_blocking(move || gw.terminate());
+    assert_eq!(
+        c.recv_end().await,
+        Ended::Closed(Some((1012, "server restart".into())))
+    );
+    let status = stopping.await.unwrap().expect("gateway exited");
+    assert!(
+        status.success(),
+        "gateway exits cleanly on SIGTERM: {status}"
+    );
+}

@@ -85,10 +85,8 @@ struct Link {
 
 impl Link {
     fn close(&self, reason: CloseReason) {
-        if self.reason.set(reason).is_ok() {
-            if let CloseReason::Overflow = reason {
-                tracing::warn!(link = self.id, gateway = ?self.gateway_id.get(), "gateway stream queue full: cutting the stream");
-            }
+        if self.reason.set(reason).is_ok() && matches!(reason, CloseReason::Overflow) {
+            tracing::warn!(link = self.id, gateway = ?self.gateway_id.get(), "gateway stream queue full: cutting the stream");
         }
         self.closed.cancel();
     }

@@ -1,0 +1,176 @@
+//! The gateway <-> topic-server contract over real gRPC, driven directly: ownership
+//! (`WrongOwner`), acks, and coalesced delivery batches.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use ringcast_proto::{DownBatch, TopicServerClient, Up, UpBatch, down};
+use ringcast_ring::Ring;
+use ringcast_tests::{Cluster, EVENT_TIMEOUT};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+struct Link {
+    up: mpsc::Sender<UpBatch>,
+    down: tonic::Streaming<DownBatch>,
+}
+
+async fn attach(addr: std::net::SocketAddr) -> Link {
+    let mut client = TopicServerClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let (up, rx) = mpsc::channel(16);
+    up.send(UpBatch {
+        ring_version: 1,
+        items: vec![Up::hello("test-gateway".into(), 1)],
+    })
+    .await
+    .unwrap();
+    let down = client
+        .attach(ReceiverStream::new(rx))
+        .await
+        .expect("attach")
+        .into_inner();
+    Link { up, down }
+}
+
+impl Link {
+    async fn send(&self, items: Vec<Up>) {
+        self.up
+            .send(UpBatch {
+                ring_version: 1,
+                items,
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn next(&mut self) -> DownBatch {
+        tokio::time::timeout(EVENT_TIMEOUT, self.down.next())
+            .await
+            .expect("timed out")
+            .expect("stream ended")
+            .expect("stream error")
+    }
+}
+
+/// Two topics, one owned by each of the cluster's two topic servers.
+fn topics_by_owner(cluster: &Cluster) -> (Ring, String, String) {
+    let ring = Ring::from_toml(&std::fs::read_to_string(&cluster.ring_path).unwrap()).unwrap();
+    let owned_by = |id: &str| {
+        (0..)
+            .map(|i| format!("grpc:{i}"))
+            .find(|t| ring.owner(t).id == id)
+            .unwrap()
+    };
+    let (a, b) = (owned_by("ts-a"), owned_by("ts-b"));
+    (ring, a, b)
+}
+
+#[tokio::test]
+async fn a_topic_server_refuses_topics_it_does_not_own() {
+    let cluster = Cluster::start_with(ringcast_tests::ClusterSpec {
+        gateways: 0,
+        ..Default::default()
+    })
+    .await;
+    let (_, mine, theirs) = topics_by_owner(&cluster);
+    let mut link = attach(cluster.topic_servers[0].addr).await;
+    link.send(vec![
+        Up::subscribe(1, theirs.clone(), 10, None),
+        Up::subscribe(2, mine.clone(), 11, None),
+    ])
+    .await;
+    let mut items = Vec::new();
+    while items.len() < 2 {
+        items.extend(link.next().await.items);
+    }
+    match &items[0].kind {
+        Some(down::Kind::WrongOwner(w)) => {
+            assert_eq!(
+                (w.request_id, w.topic.as_str(), w.ring_version),
+                (1, theirs.as_str(), 1)
+            );
+        }
+        other => panic!("expected WrongOwner, got {other:?}"),
+    }
+    match &items[1].kind {
+        Some(down::Kind::Ack(ack)) => {
+            assert_eq!(ack.request_id, 2);
+            assert_eq!(ack.position.unwrap().offset, 0);
+        }
+        other => panic!("expected an ack, got {other:?}"),
+    }
+    let status = cluster.topic_servers[0].status().await;
+    assert_eq!(status["wrong_owner"], 1);
+    assert_eq!(status["subscriptions"], 1);
+}
+
+#[tokio::test]
+async fn busy_streams_coalesce_deliveries_and_keep_one_order() {
+    let cluster = Cluster::start_with(ringcast_tests::ClusterSpec {
+        gateways: 0,
+        ..Default::default()
+    })
+    .await;
+    let (_, topic, _) = topics_by_owner(&cluster);
+    let mut subscriber = attach(cluster.topic_servers[0].addr).await;
+    // Many subscribers on one gateway stream: still one delivery per message.
+    subscriber
+        .send(
+            (0..50)
+                .map(|s| Up::subscribe(s + 1, topic.clone(), s, None))
+                .collect(),
+        )
+        .await;
+    let mut acked = 0;
+    while acked < 50 {
+        acked += subscriber.next().await.items.len();
+    }
+    let publisher = attach(cluster.topic_servers[0].addr).await;
+    const MESSAGES: u64 = 2000;
+    let publishes: Vec<Up> = (0..MESSAGES)
+        .map(|n| {
+            Up::publish(
+                1000 + n,
+                topic.clone(),
+                "e".into(),
+                Bytes::from(format!("{n}")),
+            )
+        })
+        .collect();
+    publisher.send(publishes).await;
+
+    let (mut offsets, mut batches, mut largest) = (Vec::new(), 0, 0);
+    while (offsets.len() as u64) < MESSAGES {
+        let batch = subscriber.next().await;
+        batches += 1;
+        largest = largest.max(batch.items.len());
+        for item in batch.items {
+            match item.kind {
+                Some(down::Kind::Delivery(d)) => {
+                    assert_eq!(
+                        d.payload,
+                        Bytes::from(format!("{}", d.offset - 1)),
+                        "payload matches its offset"
+                    );
+                    offsets.push(d.offset);
+                }
+                other => panic!("expected deliveries only, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        offsets,
+        (1..=MESSAGES).collect::<Vec<_>>(),
+        "one delivery per message, in order"
+    );
+    assert!(
+        largest > 1,
+        "a busy stream carries many deliveries per message ({batches} batches)"
+    );
+    let status = cluster.topic_servers[0].status().await;
+    assert_eq!(
+        status["deliveries"], MESSAGES,
+        "one delivery per message for the one subscribed gateway"
+    );
+}
