@@ -130,12 +130,7 @@ struct Cli {
 
 impl Cli {
     fn into_config(self) -> Result<(SocketAddr, Config), String> {
-        let source = match (self.ring_config, self.ring_nodes) {
-            (Some(path), _) => Some(RingSource::File(path)),
-            (None, Some(list)) => Some(RingSource::List(list)),
-            (None, None) => None,
-        };
-        let ring = match source {
+        let ring = match RingSource::from_settings(self.ring_config, self.ring_nodes) {
             Some(source) => Some((source.load()?, source)),
             None => None,
         };

@@ -91,24 +91,7 @@ fn owner_at(points: &[(u64, usize)], h: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{NodeSpec, RingConfig, config::DEFAULT_VNODES};
-
-    fn ring(version: u64, nodes: &[(&str, u32)]) -> Ring {
-        let nodes = nodes
-            .iter()
-            .map(|(id, weight)| NodeSpec {
-                id: (*id).into(),
-                addr: "127.0.0.1:1".into(),
-                weight: *weight,
-            })
-            .collect();
-        Ring::new(RingConfig {
-            version,
-            vnodes: DEFAULT_VNODES,
-            nodes,
-        })
-        .unwrap()
-    }
+    use crate::placement::test_ring as ring;
 
     #[test]
     fn identical_rings_move_nothing() {

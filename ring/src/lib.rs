@@ -21,6 +21,18 @@ pub enum RingSource {
 }
 
 impl RingSource {
+    /// The source named by `RING_CONFIG` (preferred) or `RING_NODES`, if either is set.
+    pub fn from_settings(
+        config: Option<std::path::PathBuf>,
+        nodes: Option<String>,
+    ) -> Option<Self> {
+        match (config, nodes) {
+            (Some(path), _) => Some(RingSource::File(path)),
+            (None, Some(list)) => Some(RingSource::List(list)),
+            (None, None) => None,
+        }
+    }
+
     /// Reads and builds the ring. Errors name the source.
     pub fn load(&self) -> Result<Ring, String> {
         match self {

@@ -37,3 +37,27 @@ where
         delay = (delay * 2).min(Duration::from_millis(100));
     }
 }
+
+/// Runs a command to completion, but kills it and fails the test if it still runs after
+/// 10 s (say, a config that should have been refused started a server).
+pub fn run_bounded(mut command: std::process::Command) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            let out = child.wait_with_output().expect("wait");
+            panic!(
+                "still running after 10 s; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}

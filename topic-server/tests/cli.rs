@@ -9,31 +9,7 @@ fn topic_server(env: &[(&str, &str)], args: &[&str]) -> Output {
     for (k, v) in env {
         command.env(k, v);
     }
-    run_bounded(command)
-}
-
-/// Runs to completion, but kills the process and fails if it is still running after 10 s
-/// (a config that should be refused was accepted and the server started).
-fn run_bounded(mut command: Command) -> Output {
-    use std::process::Stdio;
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while child.try_wait().expect("wait").is_none() {
-        if std::time::Instant::now() > deadline {
-            child.kill().ok();
-            let out = child.wait_with_output().expect("wait");
-            panic!(
-                "still running after 10 s; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
+    ringcast_tests::run_bounded(command)
 }
 
 #[test]
