@@ -121,29 +121,32 @@ fn virtual_nodes(config: &RingConfig) -> impl Iterator<Item = VirtualNode> + '_ 
         })
 }
 
+/// A ring of `(id, weight)` nodes with the default vnodes, for tests.
+#[cfg(test)]
+pub(crate) fn test_ring(version: u64, nodes: &[(&str, u32)]) -> Ring {
+    let nodes = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, (id, weight))| NodeSpec {
+            id: (*id).to_owned(),
+            addr: format!("127.0.0.1:{}", 7001 + i),
+            weight: *weight,
+        })
+        .collect();
+    let vnodes = crate::config::DEFAULT_VNODES;
+    Ring::new(RingConfig {
+        version,
+        vnodes,
+        nodes,
+    })
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_ring as ring;
     use super::*;
-    use crate::config::DEFAULT_VNODES;
     use std::collections::HashMap;
-
-    fn ring(version: u64, nodes: &[(&str, u32)]) -> Ring {
-        let nodes = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, (id, weight))| NodeSpec {
-                id: (*id).to_owned(),
-                addr: format!("127.0.0.1:{}", 7001 + i),
-                weight: *weight,
-            })
-            .collect();
-        Ring::new(RingConfig {
-            version,
-            vnodes: DEFAULT_VNODES,
-            nodes,
-        })
-        .unwrap()
-    }
 
     /// Pinned placements: if this test fails, placement changed and every deployed
     /// cluster would move topics on upgrade. Never update these vectors casually.

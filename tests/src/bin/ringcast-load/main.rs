@@ -1,0 +1,173 @@
+//! `ringcast-load`: a load generator that speaks the Phoenix protocol as any client would.
+//!
+//! Workloads: `fanout` (S subscribers on one topic, one publisher, a ramp of rates),
+//! `topics` (T topics x S subscribers, publishes spread over topics) and `conns` (C joined
+//! idle connections). Each ramp step reports offered and achieved deliveries/s, loss and
+//! publish-to-receive latency; the last line is a JSON summary for scripts.
+
+mod client;
+mod conns;
+mod fanout;
+mod stats;
+mod topics;
+
+use clap::{Args, Parser, Subcommand};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "ringcast-load",
+    version,
+    about = "Load generator for ringcast (Phoenix protocol over websocket)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    workload: Workload,
+}
+
+#[derive(Subcommand)]
+enum Workload {
+    /// S subscribers on one topic spread over the gateways, a publisher on the first one.
+    Fanout(FanoutArgs),
+    /// T topics x S subscribers; every connection also publishes on its topics.
+    Topics(TopicsArgs),
+    /// C joined idle connections, held for a while; reports the connect+join rate.
+    Conns(ConnsArgs),
+}
+
+/// Shared by every workload.
+#[derive(Args, Clone, Debug)]
+pub struct Common {
+    /// Gateway base URLs (`ws://host:port`), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    gateways: Vec<String>,
+    /// Connections opened at once while connecting.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Spread client source addresses over 127.0.0.2 .. 127.0.0.(1+N) (more than 60k connections).
+    #[arg(long, default_value_t = 8)]
+    source_addrs: u8,
+}
+
+/// A ramp of publish rates.
+#[derive(Args, Clone, Debug)]
+pub struct Ramp {
+    /// First step's published messages per second.
+    #[arg(long, default_value_t = 50.0)]
+    start_rate: f64,
+    /// Each step multiplies the rate by this.
+    #[arg(long, default_value_t = 1.5)]
+    factor: f64,
+    /// Highest published messages per second tried.
+    #[arg(long, default_value_t = 200_000.0)]
+    max_rate: f64,
+    /// Seconds per step.
+    #[arg(long, default_value_t = 3.0)]
+    step_secs: f64,
+    /// Latency bound for a passing step (p99, milliseconds).
+    #[arg(long, default_value_t = 100.0)]
+    p99_ms: f64,
+    /// Stop after this many failing steps in a row.
+    #[arg(long, default_value_t = 1)]
+    failures: usize,
+    /// Run exactly one step at `start_rate` (a fixed-load measurement).
+    #[arg(long)]
+    fixed: bool,
+    /// Payload size in bytes (the JSON payload of each message).
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+}
+
+impl Ramp {
+    fn step_duration(&self) -> Duration {
+        Duration::from_secs_f64(self.step_secs)
+    }
+
+    /// The rates of the ramp.
+    fn rates(&self) -> Vec<f64> {
+        if self.fixed {
+            return vec![self.start_rate];
+        }
+        let mut rates = Vec::new();
+        let mut rate = self.start_rate;
+        while rate <= self.max_rate && rates.len() < 64 {
+            rates.push(rate);
+            rate *= self.factor;
+        }
+        rates
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+struct FanoutArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    ramp: Ramp,
+    /// Subscribers on the topic.
+    #[arg(long, default_value_t = 2000)]
+    subscribers: usize,
+}
+
+#[derive(Args, Clone, Debug)]
+struct TopicsArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    ramp: Ramp,
+    /// Number of topics.
+    #[arg(long, default_value_t = 10_000)]
+    topics: usize,
+    /// Subscribers per topic.
+    #[arg(long, default_value_t = 10)]
+    subscribers: usize,
+    /// Topics joined per connection (at most the gateway's GATEWAY_MAX_CHANNELS).
+    #[arg(long, default_value_t = 100)]
+    topics_per_conn: usize,
+}
+
+#[derive(Args, Clone, Debug)]
+struct ConnsArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Connections in all (each joins one topic).
+    #[arg(long, default_value_t = 15_000)]
+    connections: usize,
+    /// Seconds to hold the connections open once all are joined.
+    #[arg(long, default_value_t = 5.0)]
+    hold_secs: f64,
+    /// Worker processes to spread the connections over (a process may hold 20,000 files).
+    #[arg(long, default_value_t = 1)]
+    procs: usize,
+    /// Processes whose RSS to report (`name=pid`), sampled before and while holding.
+    #[arg(long, value_delimiter = ',')]
+    watch: Vec<String>,
+    /// Internal: run as a worker holding connections [first, first+count).
+    #[arg(long, hide = true)]
+    worker: Option<usize>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    raise_file_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.workload {
+            Workload::Fanout(a) => fanout::run(a.common, a.ramp, a.subscribers).await,
+            Workload::Topics(a) => {
+                topics::run(a.common, a.ramp, a.topics, a.subscribers, a.topics_per_conn).await
+            }
+            Workload::Conns(a) => conns::run(a).await,
+        }
+    })
+}
+
+/// Raises the open-file limit to the hard limit (these machines cap it at 20,000).
+fn raise_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => eprintln!("ringcast-load: open-file limit {limit}"),
+        Err(e) => eprintln!("ringcast-load: cannot raise the open-file limit: {e}"),
+    }
+}
