@@ -40,6 +40,8 @@ pub enum ConnEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cut {
     SlowConsumer,
+    /// The gateway is shutting down.
+    Shutdown,
 }
 
 #[derive(Debug)]
@@ -55,12 +57,17 @@ struct Inner {
 pub struct ConnHandle(Arc<Inner>);
 
 impl ConnHandle {
-    pub fn new(id: u64, capacity: usize) -> (ConnHandle, mpsc::Receiver<ConnEvent>) {
+    /// A connection that is also cut when `shutdown` is cancelled.
+    pub fn new(
+        id: u64,
+        capacity: usize,
+        shutdown: &CancellationToken,
+    ) -> (ConnHandle, mpsc::Receiver<ConnEvent>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let inner = Inner {
             id,
             tx,
-            cut: CancellationToken::new(),
+            cut: shutdown.child_token(),
             reason: OnceLock::new(),
         };
         (ConnHandle(Arc::new(inner)), rx)
@@ -92,9 +99,10 @@ impl ConnHandle {
         self.0.cut.cancel();
     }
 
-    /// Resolves when the connection has been cut.
+    /// Resolves when the connection has been cut (or the gateway is shutting down). Create
+    /// it once per connection and keep it pinned: it registers its waker only once.
     pub async fn cut_requested(&self) -> Cut {
         self.0.cut.cancelled().await;
-        *self.0.reason.get().unwrap_or(&Cut::SlowConsumer)
+        *self.0.reason.get().unwrap_or(&Cut::Shutdown)
     }
 }

@@ -197,7 +197,7 @@ mod tests {
         let node: Arc<str> = "ts-a".into();
         let mut receivers = Vec::new();
         for i in 0..10u64 {
-            let (conn, rx) = ConnHandle::new(i, 8);
+            let (conn, rx) = ConnHandle::new(i, 8, &Default::default());
             let join_ref: Arc<str> = if i % 2 == 0 {
                 "\"1\"".into()
             } else {
@@ -233,7 +233,7 @@ mod tests {
     #[test]
     fn closed_connections_are_never_indexed() {
         let index = LocalIndex::default();
-        let (conn, rx) = ConnHandle::new(1, 8);
+        let (conn, rx) = ConnHandle::new(1, 8, &Default::default());
         drop(rx);
         let key = GroupKey::new(Vsn::V2, None);
         assert!(!index.insert_if_open(
@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn remove_node_takes_only_that_nodes_subscriptions() {
         let index = LocalIndex::default();
-        let (conn, _rx) = ConnHandle::new(1, 8);
+        let (conn, _rx) = ConnHandle::new(1, 8, &Default::default());
         let key = GroupKey::new(Vsn::V2, None);
         for (sub, topic, node) in [(1, "a", "x"), (2, "b", "y"), (3, "a", "y")] {
             index.insert_if_open(
@@ -281,8 +281,8 @@ mod tests {
     fn a_full_inbox_cuts_only_that_connection() {
         let index = LocalIndex::default();
         let metrics = Metrics::default();
-        let (slow, _slow_rx) = ConnHandle::new(1, 1);
-        let (fast, mut fast_rx) = ConnHandle::new(2, 16);
+        let (slow, _slow_rx) = ConnHandle::new(1, 1, &Default::default());
+        let (fast, mut fast_rx) = ConnHandle::new(2, 16, &Default::default());
         let key = GroupKey::new(Vsn::V2, None);
         index.insert_if_open(
             "t",

@@ -139,6 +139,13 @@ pub async fn run(
             get(|| async { "ringcast gateway: connect to /socket/websocket?vsn=2.0.0\n" }),
         )
         .with_state(state);
+    // Without TCP_NODELAY, Nagle's algorithm and the client's delayed ACKs hold small
+    // frames back for up to 40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await?;

@@ -392,7 +392,7 @@ fn parse_recover(payload: &str) -> Result<Option<Position>, &'static str> {
 /// Runs one websocket connection until the client leaves, is cut, or the gateway stops.
 pub async fn serve(mut socket: WebSocket, vsn: Vsn, gateway: Arc<Gateway>) {
     let id = gateway.next_conn.fetch_add(1, Relaxed);
-    let (conn, mut inbox) = ConnHandle::new(id, gateway.config.client_queue);
+    let (conn, mut inbox) = ConnHandle::new(id, gateway.config.client_queue, &gateway.shutdown);
     let mut session = Session::new(vsn, conn.clone(), gateway.clone());
     let idle_timeout = gateway.config.idle_timeout;
     let idle = tokio::time::sleep(idle_timeout);
@@ -400,17 +400,14 @@ pub async fn serve(mut socket: WebSocket, vsn: Vsn, gateway: Arc<Gateway>) {
     let mut replies: Vec<String> = Vec::new();
     let mut out: Vec<Message> = Vec::new();
     let mut events = Vec::with_capacity(INBOX_BATCH);
+    // Created once: polled on every wake-up, they must not re-register each time.
+    let cut = conn.cut_requested();
+    tokio::pin!(cut);
 
     let close: Option<(u16, &'static str)> = loop {
         tokio::select! {
             biased;
-            cut = conn.cut_requested() => break Some(match cut {
-                Cut::SlowConsumer => {
-                    Metrics::inc(&gateway.metrics.slow_consumers);
-                    (close::TRY_AGAIN_LATER, "slow consumer")
-                }
-            }),
-            _ = gateway.shutdown.cancelled() => break Some((close::RESTART, "server restart")),
+            reason = &mut cut => break Some(close_for(reason, &gateway.metrics)),
             _ = &mut idle => break Some((close::GOING_AWAY, "idle timeout")),
             message = socket.recv() => {
                 idle.as_mut().reset(Instant::now() + idle_timeout);
@@ -438,7 +435,7 @@ pub async fn serve(mut socket: WebSocket, vsn: Vsn, gateway: Arc<Gateway>) {
         if !out.is_empty() {
             let written = tokio::select! {
                 written = write_all(&mut socket, &mut out) => written,
-                _ = conn.cut_requested() => continue,
+                reason = &mut cut => break Some(close_for(reason, &gateway.metrics)),
             };
             if written.is_err() {
                 break None;
@@ -457,6 +454,17 @@ pub async fn serve(mut socket: WebSocket, vsn: Vsn, gateway: Arc<Gateway>) {
             reason: Utf8Bytes::from_static(reason),
         }));
         let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(frame)).await;
+    }
+}
+
+/// The close code and reason for a connection the gateway cuts.
+fn close_for(cut: Cut, metrics: &Metrics) -> (u16, &'static str) {
+    match cut {
+        Cut::SlowConsumer => {
+            Metrics::inc(&metrics.slow_consumers);
+            (close::TRY_AGAIN_LATER, "slow consumer")
+        }
+        Cut::Shutdown => (close::RESTART, "server restart"),
     }
 }
 
