@@ -14,6 +14,20 @@ use tokio_util::sync::CancellationToken;
 pub enum ConnEvent {
     /// An encoded frame to write as is: a delivery or a reply (bytes shared with others).
     Frame(Utf8Bytes),
+    /// News about one of the connection's channels, boxed so that the queue's slots (32
+    /// allocated per idle connection) stay small.
+    Channel(Box<ChannelEvent>),
+}
+
+impl From<ChannelEvent> for ConnEvent {
+    fn from(event: ChannelEvent) -> Self {
+        ConnEvent::Channel(Box::new(event))
+    }
+}
+
+/// What happened to one of a connection's channels.
+#[derive(Debug)]
+pub enum ChannelEvent {
     /// The owner accepted the subscription `sub` of `topic` at this position.
     Joined {
         topic: String,

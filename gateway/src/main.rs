@@ -18,6 +18,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    check_file_limit(config.max_connections);
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -50,4 +51,20 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("shutting down");
     shutdown.cancel();
+}
+
+/// Raises the open-file limit to the hard limit, and warns when even that is below what
+/// `GATEWAY_MAX_CONNECTIONS` needs (one file per connection, plus some for upstreams).
+fn check_file_limit(max_connections: usize) {
+    let needed = max_connections as u64 + 256;
+    match rlimit::increase_nofile_limit(needed) {
+        Ok(limit) if limit < needed => tracing::warn!(
+            open_file_limit = limit,
+            max_connections,
+            "the open-file limit is below what GATEWAY_MAX_CONNECTIONS needs: connections beyond about {} will fail; raise the limit (ulimit -n) or lower GATEWAY_MAX_CONNECTIONS",
+            limit.saturating_sub(256)
+        ),
+        Ok(limit) => tracing::debug!(open_file_limit = limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
 }

@@ -184,7 +184,7 @@ async fn websocket(
     let tracker = state.tracker.clone();
     upgrade
         .protocols(["phoenix"])
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(16 * 1024 * 1024)
         .max_message_size(max)

@@ -6,7 +6,7 @@
 
 use crate::Gateway;
 use crate::codec::{self, InFrame, Vsn};
-use crate::conn::{ConnEvent, ConnHandle, Cut};
+use crate::conn::{ChannelEvent, ConnEvent, ConnHandle, Cut};
 use crate::index::GroupKey;
 use crate::metrics::Metrics;
 use crate::upstream::{Pending, ReplyTo};
@@ -254,10 +254,16 @@ impl Session {
 
     /// Applies one inbox event.
     pub fn on_event(&mut self, event: ConnEvent, out: &mut Vec<Message>) {
-        let text = |s: String| Message::Text(Utf8Bytes::from(s));
         match event {
             ConnEvent::Frame(bytes) => out.push(Message::Text(bytes)),
-            ConnEvent::Joined {
+            ConnEvent::Channel(event) => self.on_channel_event(*event, out),
+        }
+    }
+
+    fn on_channel_event(&mut self, event: ChannelEvent, out: &mut Vec<Message>) {
+        let text = |s: String| Message::Text(Utf8Bytes::from(s));
+        match event {
+            ChannelEvent::Joined {
                 topic,
                 sub,
                 node,
@@ -292,7 +298,7 @@ impl Session {
                     self.release(&topic, &old);
                 }
             }
-            ConnEvent::JoinFailed { topic, sub, reason } => {
+            ChannelEvent::JoinFailed { topic, sub, reason } => {
                 if self.channels.get(&topic).is_none_or(|c| c.sub != sub) {
                     return;
                 }
@@ -316,7 +322,7 @@ impl Session {
                     self.release(&topic, &old);
                 }
             }
-            ConnEvent::Interrupted { topic, sub, reason } => {
+            ChannelEvent::Interrupted { topic, sub, reason } => {
                 let Some(channel) = self.channels.get_mut(&topic) else {
                     return;
                 };
@@ -399,7 +405,7 @@ pub async fn serve(mut socket: WebSocket, vsn: Vsn, gateway: Arc<Gateway>) {
     tokio::pin!(idle);
     let mut replies: Vec<String> = Vec::new();
     let mut out: Vec<Message> = Vec::new();
-    let mut events = Vec::with_capacity(INBOX_BATCH);
+    let mut events = Vec::new(); // grows on demand: idle connections keep it empty
     // Created once: polled on every wake-up, they must not re-register each time.
     let cut = conn.cut_requested();
     tokio::pin!(cut);

@@ -7,7 +7,7 @@
 //! with jittered exponential backoff.
 
 use crate::codec::{self, Vsn};
-use crate::conn::{ConnEvent, ConnHandle};
+use crate::conn::{ChannelEvent, ConnEvent, ConnHandle};
 use crate::index::{GroupKey, LocalIndex, LocalSub};
 use crate::metrics::Metrics;
 use futures::stream::BoxStream;
@@ -304,13 +304,18 @@ impl UpstreamLink {
             interrupted.len() as u64,
         );
         for (topic, entry) in interrupted {
-            entry.conn.send(ConnEvent::Interrupted {
-                topic,
-                sub: entry.sub,
-                reason: "topic server unavailable",
-            });
+            entry.conn.send(
+                ChannelEvent::Interrupted {
+                    topic,
+                    sub: entry.sub,
+                    reason: "topic server unavailable",
+                }
+                .into(),
+            );
         }
-        if was_connected {
+        if was_connected && self.stop.is_cancelled() {
+            tracing::info!(node = %self.node, %reason, "upstream link closed");
+        } else if was_connected {
             tracing::warn!(node = %self.node, %reason, "upstream link down");
         }
     }
@@ -350,14 +355,14 @@ impl UpstreamLink {
                             node: self.node.clone(),
                         };
                         if self.ctx.index.insert_if_open(&topic, key, entry) {
-                            let joined = ConnEvent::Joined {
+                            let joined = ChannelEvent::Joined {
                                 topic,
                                 sub,
                                 node: self.node.clone(),
                                 epoch: position.epoch,
                                 offset: position.offset,
                             };
-                            conn.send(joined);
+                            conn.send(joined.into());
                         } else {
                             // The connection left while the join was in flight.
                             self.unsubscribe(&topic, sub);
@@ -387,11 +392,14 @@ fn fail(pending: Pending, reason: &str) {
         Pending::Join {
             conn, topic, sub, ..
         } => {
-            conn.send(ConnEvent::JoinFailed {
-                topic,
-                sub,
-                reason: reason.to_owned(),
-            });
+            conn.send(
+                ChannelEvent::JoinFailed {
+                    topic,
+                    sub,
+                    reason: reason.to_owned(),
+                }
+                .into(),
+            );
         }
         Pending::Publish(reply) => reply.error(reason),
         Pending::Unsubscribe => {}
