@@ -75,7 +75,24 @@ wait_port() { # port: wait up to 10 s for a listener
   echo "cluster.sh: nothing listens on 127.0.0.1:$1 after 10 s" >&2
   return 1
 }
+links_up() { # port: the gateway there reports every topic-server link connected
+  local reply
+  exec 3<>"/dev/tcp/127.0.0.1/$1" || return 1
+  printf 'GET /status HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+  reply=$(cat <&3)
+  exec 3>&-
+  [[ $reply == *'"links"'* && $reply != *'"connected":false'* ]]
+}
+wait_links() {
+  for _ in $(seq 100); do
+    links_up "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "cluster.sh: gateway on port $1 cannot reach every topic server after 10 s" >&2
+  return 1
+}
 for port in "${topic_ports[@]}" "${gateway_ports[@]}"; do wait_port "$port"; done
+for port in "${gateway_ports[@]}"; do wait_links "$port"; done
 
 echo
 echo "ringcast cluster is up (ring: $RING_FILE)"
