@@ -47,7 +47,7 @@ start_cluster() {
     printf '[[nodes]]\nid = "ts-%d"\naddr = "127.0.0.1:%d"\n' "$i" "${ts_ports[-1]}" >>"$ring"
   done
   for i in 1 2; do
-    TOPIC_SERVER_ID=ts-$i TOPIC_SERVER_LISTEN=127.0.0.1:${ts_ports[$((i - 1))]} RING_CONFIG=$ring $bin/topic-server &
+    TOPIC_SERVER_ID=ts-$i TOPIC_SERVER_LISTEN=127.0.0.1:${ts_ports[$((i - 1))]} RING_CONFIG=$ring $bin/topic-server 2>>"$out/topic-server.log" &
     pids+=($!); names+=("topic-server ts-$i")
   done
   gateways=""
@@ -151,8 +151,11 @@ if c:
         delta = r["rss_held_kib"] - r["rss_before_kib"]
         if r["name"] == "gateway":
             rows.append(("  gateway RSS per connection", f"{delta * 1024 / c['connections']:,.0f} bytes ({r['rss_before_kib']} -> {r['rss_held_kib']} KiB)"))
-        else:
-            rows.append((f"  {r['name']} RSS per subscription (share of {c['connections']})", f"{delta * 1024 / c['connections']:,.0f} bytes ({r['rss_before_kib']} -> {r['rss_held_kib']} KiB)"))
+    ts = [r for r in c["rss"] if r["name"] != "gateway"]
+    if ts:
+        delta = sum(r["rss_held_kib"] - r["rss_before_kib"] for r in ts)
+        detail = ", ".join(f"{r['name']} {r['rss_before_kib']} -> {r['rss_held_kib']} KiB" for r in ts)
+        rows.append(("  topic servers RSS per subscription (all servers)", f"{delta * 1024 / c['connections']:,.0f} bytes ({detail})"))
 c4 = load("conns4")
 if c4:
     rows.append((f"{c4['connections']} idle joined connections, 4 gateways, {c4['procs']} client processes", f"{c4['connect_join_per_s']:,.0f} connect+join/s"))

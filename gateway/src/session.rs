@@ -36,9 +36,11 @@ mod close {
 
 #[derive(Debug)]
 enum ChannelState {
-    /// Waiting for the owner; the join's ref for the reply.
+    /// Waiting for the owner; the join's ref for the reply, and whether the client asked to
+    /// recover from a position.
     Joining {
         msg_ref: Option<Box<str>>,
+        recover: bool,
     },
     Joined,
 }
@@ -170,6 +172,7 @@ impl Session {
             node: link.node().clone(),
             state: ChannelState::Joining {
                 msg_ref: f.msg_ref.map(Box::from),
+                recover: recover.is_some(),
             },
             replaces: None,
         };
@@ -274,12 +277,16 @@ impl Session {
                     // A join that was left or replaced while in flight.
                     return self.release_sub(&topic, sub, &node);
                 };
-                let ChannelState::Joining { msg_ref } =
+                let ChannelState::Joining { msg_ref, recover } =
                     std::mem::replace(&mut channel.state, ChannelState::Joined)
                 else {
                     return;
                 };
-                let response = format!(r#"{{"epoch":"{epoch:016x}","offset":{offset}}}"#);
+                // Topic servers keep no message log yet: a recovery is always refused (all
+                // or nothing), and the client reloads from its source of truth.
+                let recovered = if recover { r#","recovered":false"# } else { "" };
+                let response =
+                    format!(r#"{{"epoch":"{epoch:016x}","offset":{offset}{recovered}}}"#);
                 let join_ref = channel.join_ref.clone();
                 out.push(text(codec::reply(
                     self.vsn,
@@ -303,7 +310,7 @@ impl Session {
                     return;
                 }
                 let channel = self.channels.remove(&topic).expect("checked above");
-                if let ChannelState::Joining { msg_ref } = &channel.state {
+                if let ChannelState::Joining { msg_ref, .. } = &channel.state {
                     let reply = codec::error_reply(
                         self.vsn,
                         channel.join_ref.as_deref(),

@@ -65,7 +65,7 @@ impl Proc {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env(
                 "RUST_LOG",
-                std::env::var("RINGCAST_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("RINGCAST_TEST_LOG").unwrap_or_else(|_| "error".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -372,3 +372,31 @@ async fn shutdown_closes_sockets_with_1012() {
         "gateway exits cleanly on SIGTERM: {status}"
     );
 }
+
+#[tokio::test]
+async fn a_recovery_request_is_answered_recovered_false_without_a_log() {
+    let cluster = Cluster::start().await;
+    let mut c = WsClient::connect(&cluster.ws_url(0)).await;
+    let first = c.join_ok("room:rec", "1").await;
+    let epoch = first["epoch"].as_str().unwrap().to_owned();
+    c.publish("1", "room:rec", "e", json!(1)).await;
+    c.recv_json().await;
+    let reply = c
+        .join(
+            "room:rec",
+            "2",
+            json!({"recover": {"epoch": epoch, "offset": 0}}),
+        )
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    assert_eq!(reply["response"]["recovered"], false, "{reply}");
+    assert_eq!(
+        reply["response"]["offset"], 1,
+        "the current offset, nothing replayed"
+    );
+    assert_eq!(
+        c.recv_text().await,
+        r#"["1","1","room:rec","phx_close",{}]"#
+    );
+    assert!(c.sync().await.is_empty(), "nothing is replayed");
+}
