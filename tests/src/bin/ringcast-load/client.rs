@@ -81,24 +81,58 @@ pub fn publish_frame(join_ref: usize, topic: &str, step: usize, payload: usize) 
     )
 }
 
-/// Reads a delivery's step and send time without parsing the JSON.
+/// Reads a delivery's step and send time without parsing the JSON: the payload is the
+/// first object of the frame and starts `{"k":STEP,"t":NANOS`.
 pub fn parse_delivery(frame: &str) -> Option<(usize, u64)> {
-    let step = number_after(frame, "{\"k\":")?;
-    let sent = number_after(frame, ",\"t\":")?;
+    let rest = frame.get(frame.find('{')?..)?.strip_prefix("{\"k\":")?;
+    let (step, rest) = leading_number(rest)?;
+    let (sent, _) = leading_number(rest.strip_prefix(",\"t\":")?)?;
     Some((step as usize, sent))
 }
 
-fn number_after(text: &str, key: &str) -> Option<u64> {
-    let start = text.find(key)? + key.len();
-    let digits = text[start..].bytes().take_while(u8::is_ascii_digit).count();
-    text[start..start + digits].parse().ok()
+fn leading_number(text: &str) -> Option<(u64, &str)> {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    Some((text[..digits].parse().ok()?, &text[digits..]))
 }
 
-/// Reads a subscriber socket until it ends, recording every delivery.
-pub async fn receive(
-    mut stream: impl futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
-    + Unpin,
-) {
+/// Reads a subscriber socket until it ends, recording every delivery; sends a heartbeat
+/// every 20 s so the gateway's idle timeout never closes it. One task, no split halves.
+pub async fn receive(mut ws: Ws) {
+    let mut heartbeat = tokio::time::interval(std::time::Duration::from_secs(20));
+    heartbeat.tick().await;
+    loop {
+        let message = tokio::select! {
+            message = ws.next() => message,
+            _ = heartbeat.tick() => {
+                let beat = Message::Text(r#"[null,"hb","phoenix","heartbeat",{}]"#.into());
+                if ws.send(beat).await.is_err() {
+                    stats::closed(None);
+                    return;
+                }
+                continue;
+            }
+        };
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                if let Some((step, sent)) = parse_delivery(text.as_str()) {
+                    stats::record(step, sent);
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                stats::closed(frame.map(|f| u16::from(f.code)));
+                return;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => {
+                stats::closed(None);
+                return;
+            }
+        }
+    }
+}
+
+/// Reads the receiving half of a publishing connection, recording every delivery.
+pub async fn receive_split(mut stream: futures::stream::SplitStream<Ws>) {
     while let Some(message) = stream.next().await {
         match message {
             Ok(Message::Text(text)) => {
@@ -106,15 +140,11 @@ pub async fn receive(
                     stats::record(step, sent);
                 }
             }
-            Ok(Message::Close(frame)) => {
-                stats::closed(frame.map(|f| u16::from(f.code)));
-                return;
-            }
-            Ok(_) => {}
-            Err(_) => {
+            Ok(Message::Close(_)) | Err(_) => {
                 stats::closed(None);
                 return;
             }
+            Ok(_) => {}
         }
     }
 }
@@ -126,13 +156,18 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         let frame = publish_frame(1, "bench:t", 3, 100);
-        let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
-        let payload = v[4][1].to_string();
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&frame).is_ok(),
+            "{frame}"
+        );
+        // The payload as the gateway delivers it: the raw text, key order kept.
+        let payload = &frame[frame.find("[\"m\",").unwrap() + 5..frame.len() - 2];
         assert_eq!(payload.len(), 100, "{payload}");
         let delivery = format!(r#"["1",null,"bench:t","m",{payload}]"#);
         let (step, sent) = parse_delivery(&delivery).unwrap();
         assert_eq!(step, 3);
-        assert!(sent > 0 || sent == 0);
-        assert!(parse_delivery(r#"["1","2","t","phx_reply",{}]"#).is_none());
+        assert!(sent <= stats::now_nanos());
+        assert!(parse_delivery(r#"["1","2","t","phx_reply",{"status":"ok"}]"#).is_none());
+        assert!(parse_delivery(r#"[null,"hb","phoenix","phx_reply",{}]"#).is_none());
     }
 }

@@ -119,8 +119,7 @@ async fn worker(args: &ConnsArgs, first: usize) -> anyhow::Result<()> {
         }
     };
     println!("JOINED {}", conns.len());
-    let sinks = fanout::start_subscribers(conns);
-    fanout::heartbeat(sinks);
+    fanout::start_subscribers(conns);
     // Hold until the parent closes stdin or the hold time (plus a margin) passes.
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let hold = Duration::from_secs_f64(args.hold_secs + 30.0);

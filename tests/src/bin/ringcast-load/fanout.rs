@@ -47,33 +47,11 @@ pub async fn connect_many(
     Ok((results.into_iter().map(|(_, ws)| ws).collect(), rate))
 }
 
-/// Splits subscriber connections: their readers record deliveries; their sinks are kept
-/// and heartbeat every 20 s so the gateways' idle timeout never closes them.
-pub fn start_subscribers(conns: Vec<Ws>) -> Vec<Sink> {
-    let mut sinks = Vec::with_capacity(conns.len());
+/// Starts one task per subscriber connection: it records deliveries and heartbeats.
+pub fn start_subscribers(conns: Vec<Ws>) {
     for ws in conns {
-        let (sink, stream) = ws.split();
-        tokio::spawn(client::receive(stream));
-        sinks.push(sink);
+        tokio::spawn(client::receive(ws));
     }
-    sinks
-}
-
-pub fn heartbeat(mut sinks: Vec<Sink>) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(20));
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            for sink in &mut sinks {
-                let _ = sink
-                    .send(Message::Text(
-                        r#"[null,"hb","phoenix","heartbeat",{}]"#.into(),
-                    ))
-                    .await;
-            }
-        }
-    });
 }
 
 /// Publishes `rate` messages/s for `duration`, spread round robin over publishers and
@@ -214,13 +192,14 @@ pub async fn run(common: Common, ramp: Ramp, subscribers: usize) -> anyhow::Resu
     );
     let (conns, connect_rate) = connect_many(&common, subscribers, |_| vec![topic.clone()]).await?;
     eprintln!("fanout: {subscribers} joined ({connect_rate:.0} connect+join/s)");
-    heartbeat(start_subscribers(conns));
+    start_subscribers(conns);
 
     let mut publisher =
         client::connect(&common.gateways[0], client::source_addr(usize::MAX / 2, 1)).await?;
     client::join_all(&mut publisher, std::slice::from_ref(&topic)).await?;
     let (sink, stream) = publisher.split();
     tokio::spawn(drain(stream));
+    // The publisher sends all the time: it needs no heartbeat.
     let mut pubs = [Publisher {
         sink,
         topics: vec![(1, topic.clone())],

@@ -27,11 +27,12 @@ pub async fn run(
     // Connections 0 .. topics/per_conn first join every topic once: they publish.
     let publishers = topics.div_ceil(per_conn);
     let mut pubs = Vec::new();
-    let mut sinks = Vec::new();
+    let mut subscribers_only = Vec::new();
     for (c, ws) in all.into_iter().enumerate() {
-        let (sink, stream) = ws.split();
-        tokio::spawn(crate::client::receive(stream));
         if c < publishers {
+            // Publishers also receive: their reader records, their sink publishes.
+            let (sink, stream) = ws.split();
+            tokio::spawn(crate::client::receive_split(stream));
             let topics = topics_of(c)
                 .into_iter()
                 .enumerate()
@@ -43,10 +44,10 @@ pub async fn run(
                 next: 0,
             });
         } else {
-            sinks.push(sink);
+            subscribers_only.push(ws);
         }
     }
-    fanout::heartbeat(sinks);
+    fanout::start_subscribers(subscribers_only);
     let (rows, best) = fanout::run_ramp(&ramp, subscribers as u64, &mut pubs).await;
     let summary = json!({
         "workload": "topics", "topics": topics, "subscribers": subscribers, "connections": conns, "payload": ramp.payload,
