@@ -93,18 +93,8 @@ struct Cli {
     /// Name of this gateway (default: gateway-<port>).
     #[arg(long, env = "GATEWAY_ID", value_name = "GATEWAY_ID")]
     id: Option<String>,
-    /// Path to the ring config (TOML). Without RING_CONFIG or RING_NODES the gateway runs
-    /// the topic-server core in-process.
-    #[arg(
-        long,
-        env = "RING_CONFIG",
-        value_name = "RING_CONFIG",
-        conflicts_with = "ring_nodes"
-    )]
-    ring_config: Option<std::path::PathBuf>,
-    /// Quick-start ring: `id=host:port,id=host:port`.
-    #[arg(long, env = "RING_NODES", value_name = "RING_NODES")]
-    ring_nodes: Option<String>,
+    #[command(flatten)]
+    ring: ringcast_ring::RingArgs,
     /// Open websocket connections at most (more are refused with HTTP 503).
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", value_name = "GATEWAY_MAX_CONNECTIONS", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
@@ -130,7 +120,7 @@ struct Cli {
 
 impl Cli {
     fn into_config(self) -> Result<(SocketAddr, Config), String> {
-        let ring = match RingSource::from_settings(self.ring_config, self.ring_nodes) {
+        let ring = match self.ring.source() {
             Some(source) => Some((source.load()?, source)),
             None => None,
         };

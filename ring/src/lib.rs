@@ -11,6 +11,34 @@ pub use config::{ConfigError, NodeSpec, RingConfig, parse_nodes_list};
 pub use diff::{NodeShare, RingDiff};
 pub use placement::Ring;
 
+/// The ring settings every process takes: `RING_CONFIG` or `RING_NODES`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RingArgs {
+    /// Path to the ring config (TOML). A gateway with neither RING_CONFIG nor RING_NODES runs
+    /// the topic-server core in-process.
+    #[arg(
+        long,
+        env = "RING_CONFIG",
+        value_name = "RING_CONFIG",
+        conflicts_with = "ring_nodes"
+    )]
+    pub ring_config: Option<std::path::PathBuf>,
+    /// Quick-start ring: `id=host:port,id=host:port` (version 1).
+    #[arg(long, env = "RING_NODES", value_name = "RING_NODES")]
+    pub ring_nodes: Option<String>,
+}
+
+impl RingArgs {
+    /// The source named by `RING_CONFIG` (preferred) or `RING_NODES`, if either is set.
+    pub fn source(self) -> Option<RingSource> {
+        match (self.ring_config, self.ring_nodes) {
+            (Some(path), _) => Some(RingSource::File(path)),
+            (None, Some(list)) => Some(RingSource::List(list)),
+            (None, None) => None,
+        }
+    }
+}
+
 /// Where a process reads its ring from, as configured by `RING_CONFIG` or `RING_NODES`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RingSource {
@@ -21,18 +49,6 @@ pub enum RingSource {
 }
 
 impl RingSource {
-    /// The source named by `RING_CONFIG` (preferred) or `RING_NODES`, if either is set.
-    pub fn from_settings(
-        config: Option<std::path::PathBuf>,
-        nodes: Option<String>,
-    ) -> Option<Self> {
-        match (config, nodes) {
-            (Some(path), _) => Some(RingSource::File(path)),
-            (None, Some(list)) => Some(RingSource::List(list)),
-            (None, None) => None,
-        }
-    }
-
     /// Reads and builds the ring. Errors name the source.
     pub fn load(&self) -> Result<Ring, String> {
         match self {

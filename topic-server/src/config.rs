@@ -62,17 +62,8 @@ struct Cli {
     /// This node's id; must be one of the ring's node ids.
     #[arg(long, env = "TOPIC_SERVER_ID", value_name = "TOPIC_SERVER_ID")]
     id: String,
-    /// Path to the ring config (TOML).
-    #[arg(
-        long,
-        env = "RING_CONFIG",
-        value_name = "RING_CONFIG",
-        conflicts_with = "ring_nodes"
-    )]
-    ring_config: Option<std::path::PathBuf>,
-    /// Quick-start ring: `id=host:port,id=host:port` (version 1, never reloaded).
-    #[arg(long, env = "RING_NODES", value_name = "RING_NODES")]
-    ring_nodes: Option<String>,
+    #[command(flatten)]
+    ring: ringcast_ring::RingArgs,
     /// Messages queued per gateway stream before the gateway is cut off as too slow.
     #[arg(long, env = "TOPIC_SERVER_STREAM_QUEUE", value_name = "TOPIC_SERVER_STREAM_QUEUE", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(16..))]
     stream_queue: u32,
@@ -83,16 +74,10 @@ struct Cli {
 
 impl Cli {
     fn into_config(self) -> Result<(SocketAddr, Config), String> {
-        let source = match (self.ring_config, self.ring_nodes) {
-            (Some(path), _) => RingSource::File(path),
-            (None, Some(list)) => RingSource::List(list),
-            (None, None) => {
-                return Err(
-                    "set RING_CONFIG (path to the ring TOML) or RING_NODES (id=host:port,...)"
-                        .into(),
-                );
-            }
-        };
+        let source = self
+            .ring
+            .source()
+            .ok_or("set RING_CONFIG (path to the ring TOML) or RING_NODES (id=host:port,...)")?;
         let ring = source.load()?;
         if ring.node(&self.id).is_none() {
             let ids: Vec<&str> = ring.nodes().iter().map(|n| n.id.as_str()).collect();
