@@ -4,9 +4,11 @@
 //! means the client reads too slowly, and the connection is cut (close 1013), never waited on.
 
 use axum::extract::ws::Utf8Bytes;
+use parking_lot::Mutex;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// What the connection's task is told by the rest of the gateway, in order.
@@ -58,10 +60,21 @@ pub enum Cut {
     Shutdown,
 }
 
+/// The queue behind a connection's inbox.
+#[derive(Debug, Default)]
+struct Queue {
+    events: VecDeque<ConnEvent>,
+    /// The connection's task stopped reading: nothing is queued any more.
+    closed: bool,
+}
+
 #[derive(Debug)]
 struct Inner {
     id: u64,
-    tx: mpsc::Sender<ConnEvent>,
+    capacity: usize,
+    queue: Mutex<Queue>,
+    /// Wakes the connection's task when its queue goes from empty to non-empty.
+    ready: Notify,
     cut: CancellationToken,
     reason: OnceLock<Cut>,
 }
@@ -70,21 +83,22 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct ConnHandle(Arc<Inner>);
 
+/// The receiving end of a connection's inbox, owned by the connection's task.
+#[derive(Debug)]
+pub struct Inbox(Arc<Inner>);
+
 impl ConnHandle {
     /// A connection that is also cut when `shutdown` is cancelled.
-    pub fn new(
-        id: u64,
-        capacity: usize,
-        shutdown: &CancellationToken,
-    ) -> (ConnHandle, mpsc::Receiver<ConnEvent>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        let inner = Inner {
+    pub fn new(id: u64, capacity: usize, shutdown: &CancellationToken) -> (ConnHandle, Inbox) {
+        let inner = Arc::new(Inner {
             id,
-            tx,
+            capacity: capacity.max(1),
+            queue: Mutex::new(Queue::default()),
+            ready: Notify::new(),
             cut: shutdown.child_token(),
             reason: OnceLock::new(),
-        };
-        (ConnHandle(Arc::new(inner)), rx)
+        });
+        (ConnHandle(inner.clone()), Inbox(inner))
     }
 
     pub fn id(&self) -> u64 {
@@ -92,20 +106,30 @@ impl ConnHandle {
     }
 
     /// Queues an event; returns false if the connection is gone or was cut as too slow.
+    /// Only a push into an empty queue wakes the connection's task: it drains everything
+    /// queued at each wake-up.
     pub fn send(&self, event: ConnEvent) -> bool {
-        match self.0.tx.try_send(event) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                self.cut(Cut::SlowConsumer);
-                false
-            }
-            Err(TrySendError::Closed(_)) => false,
+        let mut queue = self.0.queue.lock();
+        if queue.closed {
+            return false;
         }
+        if queue.events.len() >= self.0.capacity {
+            drop(queue);
+            self.cut(Cut::SlowConsumer);
+            return false;
+        }
+        let was_empty = queue.events.is_empty();
+        queue.events.push_back(event);
+        drop(queue);
+        if was_empty {
+            self.0.ready.notify_one();
+        }
+        true
     }
 
     /// Whether the connection's task has stopped reading its inbox.
     pub fn is_closed(&self) -> bool {
-        self.0.tx.is_closed()
+        self.0.queue.lock().closed
     }
 
     pub fn cut(&self, reason: Cut) {
@@ -118,5 +142,42 @@ impl ConnHandle {
     pub async fn cut_requested(&self) -> Cut {
         self.0.cut.cancelled().await;
         *self.0.reason.get().unwrap_or(&Cut::Shutdown)
+    }
+}
+
+impl Inbox {
+    /// Waits for events and moves up to `limit` of them into `buffer`; returns how many.
+    /// Cancel-safe: events are only taken in the same poll that returns them.
+    pub async fn recv_many(&mut self, buffer: &mut Vec<ConnEvent>, limit: usize) -> usize {
+        loop {
+            {
+                let mut queue = self.0.queue.lock();
+                if !queue.events.is_empty() {
+                    let n = queue.events.len().min(limit.max(1));
+                    buffer.extend(queue.events.drain(..n));
+                    return n;
+                }
+            }
+            // A push between the check and here leaves a permit: this returns at once.
+            self.0.ready.notified().await;
+        }
+    }
+
+    /// Stops taking events and drops what is queued.
+    pub fn close(&mut self) {
+        let mut queue = self.0.queue.lock();
+        queue.closed = true;
+        queue.events.clear();
+    }
+
+    /// Takes whatever is queued now, without waiting.
+    pub fn drain(&mut self) -> Vec<ConnEvent> {
+        self.0.queue.lock().events.drain(..).collect()
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.close();
     }
 }

@@ -182,10 +182,12 @@ mod tests {
     use super::*;
     use crate::conn::ConnEvent;
 
-    fn frames(rx: &mut tokio::sync::mpsc::Receiver<ConnEvent>) -> Vec<String> {
+    fn frames(inbox: &mut crate::conn::Inbox) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(ConnEvent::Frame(b)) = rx.try_recv() {
-            out.push(b.as_str().to_owned());
+        for event in inbox.drain() {
+            if let ConnEvent::Frame(b) = event {
+                out.push(b.as_str().to_owned());
+            }
         }
         out
     }
