@@ -429,7 +429,7 @@ pub async fn serve(mut socket: WebSocket, vsn: Vsn, gateway: Arc<Gateway>) {
                     Some(Ok(Message::Binary(_))) => session.count_malformed(),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => false,
                     Some(Ok(Message::Close(_))) | None => break None,
-                    Some(Err(e)) => break read_error(&e),
+                    Some(Err(e)) => break read_error(e),
                 };
                 if flood {
                     break Some((close::POLICY, "too many malformed frames"));
@@ -490,16 +490,11 @@ async fn write_all(socket: &mut WebSocket, out: &mut Vec<Message>) -> Result<(),
 }
 
 /// Maps a read error to a close: an oversized message gets 1009, anything else just ends.
-fn read_error(e: &axum::Error) -> Option<(u16, &'static str)> {
-    let text = e.to_string();
-    if text.contains("Space limit exceeded")
-        || text.contains("too long")
-        || text.contains("Message too long")
-        || text.contains("capacity")
-    {
-        Some((close::TOO_BIG, "message too big"))
-    } else {
-        None
+fn read_error(e: axum::Error) -> Option<(u16, &'static str)> {
+    use tokio_tungstenite::tungstenite::Error;
+    match e.into_inner().downcast_ref::<Error>() {
+        Some(Error::Capacity(_)) => Some((close::TOO_BIG, "message too big")),
+        _ => None,
     }
 }
 
