@@ -4,6 +4,7 @@
 //! gateway streams around it; `server` puts it on the network; `config` reads the environment.
 
 pub mod config;
+pub mod process;
 pub mod registry;
 pub mod server;
 pub mod service;

@@ -1,0 +1,37 @@
+//! Process plumbing shared by the `topic-server` and `gateway` binaries: logging to stderr
+//! with `RUST_LOG`, and a shutdown token cancelled by Ctrl-C or SIGTERM.
+
+use tokio_util::sync::CancellationToken;
+
+/// Installs the tracing subscriber (`RUST_LOG`, default `info`), writing to stderr.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}
+
+/// A token cancelled on the first Ctrl-C or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+    shutdown
+}
