@@ -68,3 +68,50 @@ fn bad_values_name_their_variable() {
         assert!(!stderr.contains("panicked"), "{env:?} panicked:\n{stderr}");
     }
 }
+
+#[test]
+fn warns_when_the_file_limit_is_below_the_connection_limit() {
+    use std::io::{BufRead, BufReader};
+    let limit = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .expect("getrlimit")
+        .1;
+    if limit >= u32::MAX as u64 - 1_000 {
+        eprintln!(
+            "open-file hard limit {limit} is above any GATEWAY_MAX_CONNECTIONS: nothing to warn about"
+        );
+        return;
+    }
+    let wanted = limit + 1_000;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+        .env("GATEWAY_MAX_CONNECTIONS", wanted.to_string())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run gateway");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let warned = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .map(|line| line.contains("open-file limit") && line.contains("GATEWAY_MAX_CONNECTIONS"));
+    child.kill().ok();
+    child.wait().ok();
+    assert_eq!(
+        warned,
+        Ok(true),
+        "the first log line warns about the file limit"
+    );
+}
