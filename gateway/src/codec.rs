@@ -222,6 +222,11 @@ pub fn reply(
     )
 }
 
+/// The `{"reason": reason}` object of error replies and `phx_error`.
+fn reason_object(reason: &str) -> String {
+    format!(r#"{{"reason":{}}}"#, json_string(reason))
+}
+
 /// An error reply carrying `{"reason": reason}`.
 pub fn error_reply(
     vsn: Vsn,
@@ -236,7 +241,7 @@ pub fn error_reply(
         msg_ref,
         topic,
         "error",
-        &format!(r#"{{"reason":{}}}"#, json_string(reason)),
+        &reason_object(reason),
     )
 }
 
@@ -268,20 +273,14 @@ pub fn close(vsn: Vsn, join_ref: Option<&str>, topic: &str) -> String {
 
 /// `phx_error` for an interrupted channel: `[join_ref, join_ref, topic, "phx_error", {"reason"}]`.
 pub fn channel_error(vsn: Vsn, join_ref: Option<&str>, topic: &str, reason: &str) -> String {
-    let payload = format!(r#"{{"reason":{}}}"#, json_string(reason));
     message(
         vsn,
         join_ref,
         join_ref,
         &json_string(topic),
         "phx_error",
-        &payload,
+        &reason_object(reason),
     )
-}
-
-/// A push to one channel with no ref (`presence_state` and the like).
-pub fn push(vsn: Vsn, join_ref: Option<&str>, topic: &str, event: &str, payload: &str) -> String {
-    message(vsn, join_ref, None, &json_string(topic), event, payload)
 }
 
 /// One delivered message, encoded once per distinct receiver join_ref: everything after the

@@ -90,23 +90,27 @@ pub struct ReplyTo {
 }
 
 impl ReplyTo {
-    fn send(&self, status: &str, response: &str) {
+    fn ok(&self) {
         let frame = codec::reply(
             self.vsn,
             self.join_ref.as_deref(),
             self.msg_ref.as_deref(),
             &self.topic,
-            status,
-            response,
+            "ok",
+            "{}",
         );
         self.conn.send(ConnEvent::Frame(frame.into()));
     }
 
     fn error(&self, reason: &str) {
-        self.send(
-            "error",
-            &format!(r#"{{"reason":{}}}"#, codec::json_string(reason)),
+        let frame = codec::error_reply(
+            self.vsn,
+            self.join_ref.as_deref(),
+            self.msg_ref.as_deref(),
+            &self.topic,
+            reason,
         );
+        self.conn.send(ConnEvent::Frame(frame.into()));
     }
 }
 
@@ -368,7 +372,7 @@ impl UpstreamLink {
                             self.unsubscribe(&topic, sub);
                         }
                     }
-                    Some(Pending::Publish(reply)) => reply.send("ok", "{}"),
+                    Some(Pending::Publish(reply)) => reply.ok(),
                     Some(Pending::Unsubscribe) | None => {}
                 }
             }

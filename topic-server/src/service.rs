@@ -224,7 +224,7 @@ impl TopicService {
 
         let state = Outbound {
             rx,
-            guard: link.closed.clone().drop_guard(),
+            _guard: link.closed.clone().drop_guard(),
             link,
             shared: self.shared.clone(),
         };
@@ -307,8 +307,8 @@ struct Outbound {
     rx: mpsc::Receiver<Down>,
     link: Arc<Link>,
     shared: Arc<Shared>,
-    #[allow(dead_code)]
-    guard: tokio_util::sync::DropGuard,
+    /// Held only for its drop: closing the link.
+    _guard: tokio_util::sync::DropGuard,
 }
 
 impl Shared {
