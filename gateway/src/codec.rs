@@ -223,6 +223,17 @@ pub fn reply(
 }
 
 /// The `{"reason": reason}` object of error replies and `phx_error`.
+/// A topic position as join and publish replies carry it: `{"epoch":"<16 hex>","offset":N}`,
+/// plus `"recovered"` when the join asked to recover.
+pub fn position(epoch: u64, offset: u64, recovered: Option<bool>) -> String {
+    match recovered {
+        Some(recovered) => {
+            format!(r#"{{"epoch":"{epoch:016x}","offset":{offset},"recovered":{recovered}}}"#)
+        }
+        None => format!(r#"{{"epoch":"{epoch:016x}","offset":{offset}}}"#),
+    }
+}
+
 fn reason_object(reason: &str) -> String {
     format!(r#"{{"reason":{}}}"#, json_string(reason))
 }

@@ -50,7 +50,7 @@ impl Config {
             idle_timeout: Duration::from_secs(60),
             topic_patterns: Vec::new(),
             upstream_queue: 65_536,
-            keepalive: Duration::from_secs(5),
+            keepalive: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(5),
             max_malformed: 100,
         }
@@ -114,7 +114,7 @@ struct Cli {
     #[arg(long, env = "GATEWAY_TOPICS", value_name = "GATEWAY_TOPICS")]
     topics: Option<String>,
     /// Seconds between HTTP/2 keepalive pings to topic servers (also the ping timeout).
-    #[arg(long, env = "GATEWAY_KEEPALIVE_SECS", value_name = "GATEWAY_KEEPALIVE_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, env = "GATEWAY_KEEPALIVE_SECS", value_name = "GATEWAY_KEEPALIVE_SECS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
     keepalive_secs: u64,
 }
 

@@ -30,13 +30,16 @@ impl From<ChannelEvent> for ConnEvent {
 /// What happened to one of a connection's channels.
 #[derive(Debug)]
 pub enum ChannelEvent {
-    /// The owner accepted the subscription `sub` of `topic` at this position.
+    /// The owner accepted the subscription `sub` of `topic`; live deliveries follow
+    /// `offset`. `replay`: the join asked to recover and the owner had every missed
+    /// message, here in order (`None`: not recovered).
     Joined {
         topic: String,
         sub: u64,
         node: Arc<str>,
         epoch: u64,
         offset: u64,
+        replay: Option<Vec<Replayed>>,
     },
     /// The subscription `sub` of `topic` was not made.
     JoinFailed {
@@ -50,6 +53,13 @@ pub enum ChannelEvent {
         sub: u64,
         reason: &'static str,
     },
+}
+
+/// A message replayed to one recovering subscriber.
+#[derive(Debug)]
+pub struct Replayed {
+    pub event: String,
+    pub payload: bytes::Bytes,
 }
 
 /// Why the gateway cut a connection.

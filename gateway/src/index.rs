@@ -1,8 +1,10 @@
 //! The local index: `topic -> local subscribers`, grouped by how their frames are encoded.
 //!
 //! A delivery is encoded once per group (serializer + receiver join_ref) and the same bytes
-//! are queued to every subscriber of the group. Sharded `parking_lot` locks, never held
-//! across `.await`.
+//! are queued to every subscriber of the group. Each topic also remembers the position of
+//! the last message it received: a delivery that does not follow it (an offset jump, another
+//! epoch) is a gap, and the topic's subscribers are handed back to be interrupted instead of
+//! being delivered past it. Sharded `parking_lot` locks, never held across `.await`.
 
 use crate::codec::{DeliveryFrame, Vsn};
 use crate::conn::{ConnEvent, ConnHandle};
@@ -12,6 +14,7 @@ use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 const SHARDS: usize = 64;
 
@@ -39,9 +42,29 @@ pub struct LocalSub {
     pub node: Arc<str>,
 }
 
-#[derive(Debug, Default)]
+/// A position in a topic's message stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: u64,
+    pub offset: u64,
+}
+
+/// What [`LocalIndex::deliver`] did with a message.
+#[derive(Debug)]
+pub enum Delivered {
+    /// Queued to this many local subscribers (0 when the topic has none here).
+    Queued(usize),
+    /// The message does not follow the last one: the topic's subscribers, removed from the
+    /// index, to be interrupted.
+    Gap(Vec<LocalSub>),
+}
+
+#[derive(Debug)]
 struct TopicSubs {
     groups: HashMap<GroupKey, Vec<LocalSub>>,
+    epoch: u64,
+    /// Offset of the last message received for the topic.
+    last: AtomicU64,
 }
 
 impl TopicSubs {
@@ -72,15 +95,27 @@ impl LocalIndex {
     }
 
     /// Adds a subscriber unless its connection has already gone (checked under the lock,
-    /// so a connection that is cleaning up never leaves an entry behind).
-    pub fn insert_if_open(&self, topic: &str, key: GroupKey, entry: LocalSub) -> bool {
+    /// so a connection that is cleaning up never leaves an entry behind). `at` is the
+    /// topic's position when the owner accepted it: the first local subscriber starts the
+    /// topic's gap tracking there.
+    pub fn insert_if_open(
+        &self,
+        topic: &str,
+        key: GroupKey,
+        entry: LocalSub,
+        at: Position,
+    ) -> bool {
         let mut shard = self.shard(topic).write();
         if entry.conn.is_closed() {
             return false;
         }
         let subs = match shard.get_mut(topic) {
             Some(subs) => subs,
-            None => shard.entry(topic.to_owned()).or_default(),
+            None => shard.entry(topic.to_owned()).or_insert_with(|| TopicSubs {
+                groups: HashMap::new(),
+                epoch: at.epoch,
+                last: AtomicU64::new(at.offset),
+            }),
         };
         subs.groups.entry(key).or_default().push(entry);
         true
@@ -128,13 +163,49 @@ impl LocalIndex {
         removed
     }
 
-    /// Queues one delivered message to every local subscriber of `topic`, encoding it once
-    /// per group. Returns how many subscribers it was queued to.
-    pub fn deliver(&self, topic: &str, event: &str, payload: &str, metrics: &Metrics) -> usize {
-        let shard = self.shard(topic).read();
-        let Some(subs) = shard.get(topic) else {
-            return 0;
-        };
+    /// Queues message `at` of `topic` to every local subscriber, encoding it once per
+    /// group, when it follows the last message received; otherwise removes the topic's
+    /// subscribers and returns them ([`Delivered::Gap`]).
+    pub fn deliver(
+        &self,
+        topic: &str,
+        at: Position,
+        event: &str,
+        payload: &str,
+        metrics: &Metrics,
+    ) -> Delivered {
+        {
+            let shard = self.shard(topic).read();
+            let Some(subs) = shard.get(topic) else {
+                return Delivered::Queued(0);
+            };
+            let follows = subs.epoch == at.epoch
+                && subs
+                    .last
+                    .compare_exchange(at.offset.wrapping_sub(1), at.offset, Relaxed, Relaxed)
+                    .is_ok();
+            if follows {
+                return Delivered::Queued(Self::fan_out(subs, topic, event, payload, metrics));
+            }
+        }
+        Delivered::Gap(self.remove_topic(topic))
+    }
+
+    /// Removes every local subscriber of `topic` and returns them.
+    pub fn remove_topic(&self, topic: &str) -> Vec<LocalSub> {
+        let removed = self.shard(topic).write().remove(topic);
+        removed
+            .map(|s| s.groups.into_values().flatten().collect())
+            .unwrap_or_default()
+    }
+
+    fn fan_out(
+        subs: &TopicSubs,
+        topic: &str,
+        event: &str,
+        payload: &str,
+        metrics: &Metrics,
+    ) -> usize {
         let frame = DeliveryFrame::new(topic, event, payload);
         let mut queued = 0;
         for (key, group) in &subs.groups {
@@ -182,6 +253,15 @@ mod tests {
     use super::*;
     use crate::conn::ConnEvent;
 
+    const AT: Position = Position {
+        epoch: 9,
+        offset: 0,
+    };
+
+    fn next(offset: u64) -> Position {
+        Position { epoch: 9, offset }
+    }
+
     fn frames(inbox: &mut crate::conn::Inbox) -> Vec<String> {
         let mut out = Vec::new();
         for event in inbox.drain() {
@@ -213,11 +293,15 @@ mod tests {
                     sub: i,
                     conn,
                     node: node.clone()
-                }
+                },
+                AT
             ));
             receivers.push(rx);
         }
-        assert_eq!(index.deliver("t", "e", "{}", &metrics), 10);
+        assert!(matches!(
+            index.deliver("t", next(1), "e", "{}", &metrics),
+            Delivered::Queued(10)
+        ));
         assert_eq!(
             metrics.encodes.load(std::sync::atomic::Ordering::Relaxed),
             2
@@ -245,7 +329,8 @@ mod tests {
                 sub: 1,
                 conn,
                 node: "n".into()
-            }
+            },
+            AT
         ));
         assert_eq!(index.topic_count(), 0);
     }
@@ -264,6 +349,7 @@ mod tests {
                     conn: conn.clone(),
                     node: node.into(),
                 },
+                AT,
             );
         }
         let mut removed: Vec<(String, u64)> = index
@@ -294,6 +380,7 @@ mod tests {
                 conn: slow.clone(),
                 node: "n".into(),
             },
+            AT,
         );
         index.insert_if_open(
             "t",
@@ -303,9 +390,10 @@ mod tests {
                 conn: fast,
                 node: "n".into(),
             },
+            AT,
         );
-        for _ in 0..3 {
-            index.deliver("t", "e", "1", &metrics);
+        for offset in 1..=3 {
+            index.deliver("t", next(offset), "e", "1", &metrics);
         }
         assert_eq!(frames(&mut fast_rx).len(), 3);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -317,5 +405,53 @@ mod tests {
                 .await
                 .expect("slow connection is cut");
         });
+    }
+
+    #[test]
+    fn a_jump_or_a_new_epoch_is_a_gap_not_a_delivery() {
+        let index = LocalIndex::default();
+        let metrics = Metrics::default();
+        let (conn, mut rx) = ConnHandle::new(1, 16, &Default::default());
+        let add = |topic: &str, sub| {
+            let entry = LocalSub {
+                sub,
+                conn: conn.clone(),
+                node: "n".into(),
+            };
+            index.insert_if_open(topic, GroupKey::new(Vsn::V2, None), entry, AT)
+        };
+        add("a", 1);
+        add("a", 2);
+        add("b", 3);
+        assert!(matches!(
+            index.deliver("a", next(1), "e", "1", &metrics),
+            Delivered::Queued(2)
+        ));
+        match index.deliver("a", next(3), "e", "3", &metrics) {
+            Delivered::Gap(subs) => assert_eq!(subs.len(), 2),
+            other => panic!("offset 2 was skipped: {other:?}"),
+        }
+        assert_eq!(
+            index.topic_count(),
+            1,
+            "the gap removed the topic's subscribers"
+        );
+        assert!(matches!(
+            index.deliver("a", next(4), "e", "4", &metrics),
+            Delivered::Queued(0)
+        ));
+        let other_epoch = Position {
+            epoch: 10,
+            offset: 1,
+        };
+        assert!(matches!(
+            index.deliver("b", other_epoch, "e", "1", &metrics),
+            Delivered::Gap(_)
+        ));
+        assert_eq!(
+            frames(&mut rx).len(),
+            2,
+            "only the message before the gap was queued"
+        );
     }
 }

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub malformed_frames: AtomicU64,
     pub slow_consumers: AtomicU64,
     pub interrupted_channels: AtomicU64,
+    /// Gaps detected in a topic's stream (an offset jump or a new epoch).
+    pub gaps: AtomicU64,
 }
 
 impl Metrics {

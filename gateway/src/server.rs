@@ -62,13 +62,8 @@ pub async fn run(
     let core_stop = CancellationToken::new();
     let routing = match &config.ring {
         None => {
-            let core = TopicService::new(
-                Ownership::All,
-                ServiceLimits {
-                    stream_queue: 65_536,
-                },
-                core_stop.clone(),
-            );
+            let core =
+                TopicService::new(Ownership::All, ServiceLimits::default(), core_stop.clone());
             Routing::Embedded(UpstreamLink::new(
                 EMBEDDED_NODE.into(),
                 Connector::InProcess(core),
@@ -227,5 +222,6 @@ async fn status(State(state): State<AppState>) -> impl IntoResponse {
         "malformed_frames": m.malformed_frames.load(Relaxed),
         "slow_consumers": m.slow_consumers.load(Relaxed),
         "interrupted_channels": m.interrupted_channels.load(Relaxed),
+        "gaps": m.gaps.load(Relaxed),
     }))
 }

@@ -36,11 +36,11 @@ mod close {
 
 #[derive(Debug)]
 enum ChannelState {
-    /// Waiting for the owner; the join's ref for the reply, and whether the client asked to
-    /// recover from a position.
+    /// Waiting for the owner; the join's ref for the reply, and the position the client
+    /// asked to recover from.
     Joining {
         msg_ref: Option<Box<str>>,
-        recover: bool,
+        recover: Option<Position>,
     },
     Joined,
 }
@@ -158,6 +158,7 @@ impl Session {
             topic: topic.clone(),
             sub,
             key: GroupKey::new(self.vsn, join_ref.clone()),
+            replay: Vec::new(),
         };
         if link
             .request(|id| Up::subscribe(id, topic.clone(), sub, recover), pending)
@@ -172,7 +173,7 @@ impl Session {
             node: link.node().clone(),
             state: ChannelState::Joining {
                 msg_ref: f.msg_ref.map(Box::from),
-                recover: recover.is_some(),
+                recover,
             },
             replaces: None,
         };
@@ -272,6 +273,7 @@ impl Session {
                 node,
                 epoch,
                 offset,
+                replay,
             } => {
                 let Some(channel) = self.channels.get_mut(&topic).filter(|c| c.sub == sub) else {
                     // A join that was left or replaced while in flight.
@@ -282,11 +284,17 @@ impl Session {
                 else {
                     return;
                 };
-                // Topic servers keep no message log yet: a recovery is always refused (all
-                // or nothing), and the client reloads from its source of truth.
-                let recovered = if recover { r#","recovered":false"# } else { "" };
-                let response =
-                    format!(r#"{{"epoch":"{epoch:016x}","offset":{offset}{recovered}}}"#);
+                // A recovery is all or nothing: the missed messages follow the reply, before
+                // any live one, or the reply says `recovered: false` with the current position
+                // and the client reloads from its source of truth.
+                // Payloads are JSON text; a replay that is not would be delivered with holes.
+                let replay =
+                    replay.filter(|r| r.iter().all(|m| std::str::from_utf8(&m.payload).is_ok()));
+                let response = match (recover, &replay) {
+                    (Some(from), Some(_)) => codec::position(epoch, from.offset, Some(true)),
+                    (Some(_), None) => codec::position(epoch, offset, Some(false)),
+                    (None, _) => codec::position(epoch, offset, None),
+                };
                 let join_ref = channel.join_ref.clone();
                 out.push(text(codec::reply(
                     self.vsn,
@@ -296,6 +304,11 @@ impl Session {
                     "ok",
                     &response,
                 )));
+                for m in replay.into_iter().flatten() {
+                    let payload = std::str::from_utf8(&m.payload).unwrap_or_default();
+                    let frame = codec::DeliveryFrame::new(&topic, &m.event, payload);
+                    out.push(text(frame.encode(self.vsn, join_ref.as_deref())));
+                }
                 if let Some(old) = channel.replaces.take() {
                     out.push(text(codec::close(
                         self.vsn,

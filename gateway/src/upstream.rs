@@ -7,8 +7,8 @@
 //! with jittered exponential backoff.
 
 use crate::codec::{self, Vsn};
-use crate::conn::{ChannelEvent, ConnEvent, ConnHandle};
-use crate::index::{GroupKey, LocalIndex, LocalSub};
+use crate::conn::{ChannelEvent, ConnEvent, ConnHandle, Replayed};
+use crate::index::{Delivered, GroupKey, LocalIndex, LocalSub, Position};
 use crate::metrics::Metrics;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
@@ -53,29 +53,49 @@ impl Connector {
                 keepalive,
                 max_message_bytes,
             } => {
-                let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| format!("bad address {addr}: {e}"))?
-                    .connect_timeout(Duration::from_secs(2))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(*keepalive)
-                    .keep_alive_timeout(*keepalive)
-                    .keep_alive_while_idle(true)
-                    .initial_stream_window_size(Some(4 * 1024 * 1024))
-                    .initial_connection_window_size(Some(8 * 1024 * 1024));
-                let channel = endpoint
-                    .connect()
-                    .await
-                    .map_err(|e| format!("connect {addr}: {e}"))?;
-                let mut client = TopicServerClient::new(channel)
-                    .max_decoding_message_size(*max_message_bytes)
-                    .max_encoding_message_size(*max_message_bytes);
-                let response = client
-                    .attach(up)
-                    .await
-                    .map_err(|s| format!("attach {addr}: {s}"))?;
-                Ok(response.into_inner().boxed())
+                // A peer that accepts the connection but never answers (a partition, a
+                // stopped process) must not hold the link: bound the whole attach.
+                let limit = Duration::from_secs(2) + *keepalive * 2;
+                tokio::time::timeout(
+                    limit,
+                    Self::attach(addr, *keepalive, *max_message_bytes, up),
+                )
+                .await
+                .map_err(|_| format!("attach {addr}: no answer within {limit:?}"))?
             }
         }
+    }
+
+    async fn attach<S>(
+        addr: &str,
+        keepalive: Duration,
+        max_message_bytes: usize,
+        up: S,
+    ) -> Result<DownStream, String>
+    where
+        S: Stream<Item = UpBatch> + Send + 'static,
+    {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("bad address {addr}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(keepalive)
+            .keep_alive_timeout(keepalive)
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(Some(4 * 1024 * 1024))
+            .initial_connection_window_size(Some(8 * 1024 * 1024));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let mut client = TopicServerClient::new(channel)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        let response = client
+            .attach(up)
+            .await
+            .map_err(|s| format!("attach {addr}: {s}"))?;
+        Ok(response.into_inner().boxed())
     }
 }
 
@@ -90,14 +110,15 @@ pub struct ReplyTo {
 }
 
 impl ReplyTo {
-    fn ok(&self) {
+    /// The publish was accepted as message `at` of the topic.
+    fn ok(&self, at: Position) {
         let frame = codec::reply(
             self.vsn,
             self.join_ref.as_deref(),
             self.msg_ref.as_deref(),
             &self.topic,
             "ok",
-            "{}",
+            &codec::position(at.epoch, at.offset, None),
         );
         self.conn.send(ConnEvent::Frame(frame.into()));
     }
@@ -122,6 +143,8 @@ pub enum Pending {
         topic: String,
         sub: u64,
         key: GroupKey,
+        /// Missed messages replayed so far (a recovering join), delivered with the reply.
+        replay: Vec<Replayed>,
     },
     Publish(ReplyTo),
     Unsubscribe,
@@ -324,6 +347,28 @@ impl UpstreamLink {
         }
     }
 
+    /// Errors the channels of a topic whose stream has a gap (they rejoin and recover) and
+    /// drops their subscriptions at the owner.
+    fn interrupt_gap(&self, topic: &str, at: Position, subs: Vec<LocalSub>) {
+        if subs.is_empty() {
+            return;
+        }
+        tracing::warn!(node = %self.node, %topic, epoch = at.epoch, offset = at.offset, channels = subs.len(), "gap in a topic's stream: interrupting its channels");
+        Metrics::inc(&self.ctx.metrics.gaps);
+        Metrics::add(&self.ctx.metrics.interrupted_channels, subs.len() as u64);
+        for entry in subs {
+            self.unsubscribe(topic, entry.sub);
+            entry.conn.send(
+                ChannelEvent::Interrupted {
+                    topic: topic.to_owned(),
+                    sub: entry.sub,
+                    reason: "gap detected",
+                }
+                .into(),
+            );
+        }
+    }
+
     fn take_pending(&self, id: u64) -> Option<Pending> {
         self.state.lock().pending.remove(&id)
     }
@@ -333,38 +378,63 @@ impl UpstreamLink {
         match kind {
             down::Kind::Delivery(d) => {
                 Metrics::inc(&self.ctx.metrics.deliveries_in);
-                match std::str::from_utf8(&d.payload) {
+                let at = Position {
+                    epoch: d.epoch,
+                    offset: d.offset,
+                };
+                let delivered = match std::str::from_utf8(&d.payload) {
                     Ok(payload) => {
                         self.ctx
                             .index
-                            .deliver(&d.topic, &d.event, payload, &self.ctx.metrics);
+                            .deliver(&d.topic, at, &d.event, payload, &self.ctx.metrics)
                     }
                     Err(_) => {
-                        tracing::error!(topic = %d.topic, "delivery payload is not UTF-8; dropped")
+                        // Cannot be delivered, so the subscribers would miss it: a gap too.
+                        tracing::error!(topic = %d.topic, "delivery payload is not UTF-8");
+                        Delivered::Gap(self.ctx.index.remove_topic(&d.topic))
                     }
+                };
+                if let Delivered::Gap(subs) = delivered {
+                    self.interrupt_gap(&d.topic, at, subs);
+                }
+            }
+            down::Kind::Replay(r) => {
+                if let Some(Pending::Join { replay, .. }) =
+                    self.state.lock().pending.get_mut(&r.request_id)
+                {
+                    replay.push(Replayed {
+                        event: r.event,
+                        payload: r.payload,
+                    });
                 }
             }
             down::Kind::Ack(ack) => {
                 let position = ack.position.unwrap_or_default();
+                let at = Position {
+                    epoch: position.epoch,
+                    offset: position.offset,
+                };
                 match self.take_pending(ack.request_id) {
                     Some(Pending::Join {
                         conn,
                         topic,
                         sub,
                         key,
+                        replay,
                     }) => {
                         let entry = LocalSub {
                             sub,
                             conn: conn.clone(),
                             node: self.node.clone(),
                         };
-                        if self.ctx.index.insert_if_open(&topic, key, entry) {
+                        if self.ctx.index.insert_if_open(&topic, key, entry, at) {
                             let joined = ChannelEvent::Joined {
                                 topic,
                                 sub,
                                 node: self.node.clone(),
                                 epoch: position.epoch,
                                 offset: position.offset,
+                                replay: ack.recovered.then_some(replay),
                             };
                             conn.send(joined.into());
                         } else {
@@ -372,7 +442,7 @@ impl UpstreamLink {
                             self.unsubscribe(&topic, sub);
                         }
                     }
-                    Some(Pending::Publish(reply)) => reply.ok(),
+                    Some(Pending::Publish(reply)) => reply.ok(at),
                     Some(Pending::Unsubscribe) | None => {}
                 }
             }

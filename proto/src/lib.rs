@@ -11,8 +11,8 @@ pub mod v1 {
 }
 
 pub use v1::{
-    Ack, Delivery, Down, DownBatch, Hello, Position, Publish, Rejected, Subscribe, Unsubscribe, Up,
-    UpBatch, WrongOwner, down,
+    Ack, Delivery, Down, DownBatch, Hello, Position, Publish, Rejected, Replay, Subscribe,
+    Unsubscribe, Up, UpBatch, WrongOwner, down,
     topic_server_client::TopicServerClient,
     topic_server_server::{TopicServer, TopicServerServer},
     up,
@@ -24,6 +24,29 @@ impl Down {
             kind: Some(down::Kind::Ack(Ack {
                 request_id,
                 position: Some(Position { epoch, offset }),
+                recovered: false,
+            })),
+        }
+    }
+
+    /// The Ack of a Subscribe whose recovery was served (its Replay items went first).
+    pub fn recovered_ack(request_id: u64, epoch: u64, offset: u64) -> Down {
+        Down {
+            kind: Some(down::Kind::Ack(Ack {
+                request_id,
+                position: Some(Position { epoch, offset }),
+                recovered: true,
+            })),
+        }
+    }
+
+    pub fn replay(request_id: u64, event: String, payload: bytes::Bytes, offset: u64) -> Down {
+        Down {
+            kind: Some(down::Kind::Replay(Replay {
+                request_id,
+                event,
+                payload,
+                offset,
             })),
         }
     }

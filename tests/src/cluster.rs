@@ -3,7 +3,8 @@
 use crate::{EVENT_TIMEOUT, eventually};
 use parking_lot::Mutex;
 use serde_json::Value;
-use std::collections::HashSet;
+use crate::proxy::TcpProxy;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -49,16 +50,38 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// A child process, killed when dropped.
+/// A child process, killed when dropped. It can be stopped, paused and started again with
+/// the same environment (same port).
 #[derive(Debug)]
 pub struct Proc {
     pub name: String,
     pub addr: SocketAddr,
+    binary: String,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Proc {
     pub fn spawn(name: &str, binary: &str, addr: SocketAddr, env: &[(&str, String)]) -> Proc {
+        let mut proc = Proc {
+            name: name.to_owned(),
+            addr,
+            binary: binary.to_owned(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            child: None,
+        };
+        proc.start();
+        proc
+    }
+
+    /// Starts the process again after [`Proc::kill`] (a crash and restart).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.start();
+    }
+
+    fn start(&mut self) {
+        let binary = &self.binary;
         let mut command = Command::new(bin_path(binary));
         command
             .env_clear()
@@ -70,22 +93,42 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        for (key, value) in env {
+        for (key, value) in &self.env {
             command.env(key, value);
         }
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
-        Proc {
-            name: name.to_owned(),
-            addr,
-            child: Some(child),
-        }
+        self.child = Some(child);
+    }
+
+    /// Sends `signal` (a `kill -s` name such as `STOP` or `CONT`) to the running process.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("process is running");
+        let status = Command::new("kill")
+            .args(["-s", signal, &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {signal} {}", self.name);
+    }
+
+    /// Freezes the process (SIGSTOP): its sockets stay open but nothing answers, like a
+    /// silent peer.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("CONT");
     }
 
     /// Kills the process (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A paused process dies on SIGKILL as well; SIGCONT is harmless either way.
+            let _ = Command::new("kill")
+                .args(["-s", "CONT", &child.id().to_string()])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -139,6 +182,11 @@ pub struct ClusterSpec {
     pub gateways: usize,
     /// Extra environment for every gateway.
     pub gateway_env: Vec<(String, String)>,
+    /// Extra environment for every topic server.
+    pub topic_server_env: Vec<(String, String)>,
+    /// Gateways (by index) that reach every topic server through a [`TcpProxy`] of their
+    /// own, so that a test can cut one gateway off from one topic server.
+    pub proxied_gateways: Vec<usize>,
 }
 
 impl Default for ClusterSpec {
@@ -147,6 +195,8 @@ impl Default for ClusterSpec {
             topic_servers: 2,
             gateways: 2,
             gateway_env: Vec::new(),
+            topic_server_env: Vec::new(),
+            proxied_gateways: Vec::new(),
         }
     }
 }
@@ -157,6 +207,8 @@ pub struct Cluster {
     pub topic_servers: Vec<Proc>,
     pub gateways: Vec<Proc>,
     pub ring_path: PathBuf,
+    /// `proxies[(gateway, topic server)]`: the proxies of `ClusterSpec::proxied_gateways`.
+    pub proxies: HashMap<(usize, usize), TcpProxy>,
     _dir: tempfile::TempDir,
 }
 
@@ -191,25 +243,40 @@ impl Cluster {
         let topic_servers: Vec<Proc> = nodes
             .iter()
             .map(|(id, addr)| {
-                Proc::spawn(
-                    id,
-                    "topic-server",
-                    *addr,
-                    &[
-                        ("TOPIC_SERVER_LISTEN", addr.to_string()),
-                        ("TOPIC_SERVER_ID", id.clone()),
-                        ("RING_CONFIG", ring.clone()),
-                    ],
-                )
+                let mut env = vec![
+                    ("TOPIC_SERVER_LISTEN", addr.to_string()),
+                    ("TOPIC_SERVER_ID", id.clone()),
+                    ("RING_CONFIG", ring.clone()),
+                ];
+                env.extend(
+                    spec.topic_server_env
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.clone())),
+                );
+                Proc::spawn(id, "topic-server", *addr, &env)
             })
             .collect();
+        let mut proxies = HashMap::new();
         let gateways: Vec<Proc> = (0..spec.gateways)
             .map(|i| {
                 let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                let mut gateway_ring = ring.clone();
+                if spec.proxied_gateways.contains(&i) {
+                    // The same ring (ids, version), with this gateway's proxies as addresses.
+                    let mut via = Vec::new();
+                    for (t, (id, target)) in nodes.iter().enumerate() {
+                        let proxy = TcpProxy::start(*target);
+                        via.push((id.clone(), proxy.addr));
+                        proxies.insert((i, t), proxy);
+                    }
+                    let path = dir.path().join(format!("ring-gw-{i}.toml"));
+                    write_ring(&path, 1, &via);
+                    gateway_ring = path.display().to_string();
+                }
                 let mut env = vec![
                     ("GATEWAY_LISTEN", addr.to_string()),
                     ("GATEWAY_ID", format!("gw-{i}")),
-                    ("RING_CONFIG", ring.clone()),
+                    ("RING_CONFIG", gateway_ring),
                 ];
                 env.extend(
                     spec.gateway_env
@@ -223,20 +290,43 @@ impl Cluster {
             topic_servers,
             gateways,
             ring_path,
+            proxies,
             _dir: dir,
         };
         for ts in &cluster.topic_servers {
             ts.wait_status("up", |_| true).await;
         }
-        for gw in &cluster.gateways {
-            gw.wait_status("all links connected", |s| {
+        for i in 0..cluster.gateways.len() {
+            cluster.wait_links(i).await;
+        }
+        cluster
+    }
+
+    /// Waits until gateway `i` has a live stream to every topic server.
+    pub async fn wait_links(&self, i: usize) {
+        self.gateways[i]
+            .wait_status("all links connected", |s| {
                 s["links"]
                     .as_array()
                     .is_some_and(|links| links.iter().all(|l| l["connected"] == true))
             })
             .await;
-        }
-        cluster
+    }
+
+    /// The ring the cluster was started with.
+    pub fn ring(&self) -> ringcast_ring::Ring {
+        let text = std::fs::read_to_string(&self.ring_path).expect("read ring");
+        ringcast_ring::Ring::from_toml(&text).expect("parse ring")
+    }
+
+    /// A topic named `{prefix}{n}` owned by topic server `ts` (by index).
+    pub fn topic_on(&self, ts: usize, prefix: &str) -> String {
+        let ring = self.ring();
+        let id = &self.topic_servers[ts].name;
+        (0..)
+            .map(|n| format!("{prefix}{n}"))
+            .find(|t| ring.owner(t).id == *id)
+            .expect("some topic lands on every node")
     }
 
     /// `ws://.../socket/websocket?vsn=2.0.0` of gateway `i`.

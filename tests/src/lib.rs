@@ -6,10 +6,12 @@
 
 pub mod cluster;
 pub mod node;
+pub mod proxy;
 pub mod ws;
 
 pub use cluster::{Cluster, ClusterSpec, Proc};
 pub use node::NodeClient;
+pub use proxy::TcpProxy;
 pub use ws::WsClient;
 
 use std::future::Future;

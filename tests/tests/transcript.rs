@@ -38,7 +38,10 @@ async fn the_seed_transcript_byte_for_byte() {
     b.send_text(r#"["1", "1", "topics:matrix", "publish", ["event", { "message": "red pill or blue pill?"}]]"#).await;
     assert_eq!(
         b.recv_text().await,
-        r#"["1","1","topics:matrix","phx_reply",{"status":"ok","response":{}}]"#
+        format!(
+            r#"["1","1","topics:matrix","phx_reply",{{"status":"ok","response":{{"epoch":"{epoch}","offset":1}}}}]"#
+        ),
+        "the publisher's reply says where its message went"
     );
     let event = r#"["1",null,"topics:matrix","event",{"message":"red pill or blue pill?"}]"#;
     assert_eq!(
@@ -70,7 +73,9 @@ async fn the_seed_transcript_byte_for_byte() {
         .await;
     assert_eq!(
         b.recv_text().await,
-        r#"["1","5","topics:matrix","phx_reply",{"status":"ok","response":{}}]"#
+        format!(
+            r#"["1","5","topics:matrix","phx_reply",{{"status":"ok","response":{{"epoch":"{epoch}","offset":2}}}}]"#
+        )
     );
     assert_eq!(
         b.recv_text().await,

@@ -3,6 +3,7 @@
 //! `Config` is plain data so tests build it directly; `Config::from_env` parses the
 //! environment (and `--help`) with clap, and every error names the variable at fault.
 
+use crate::log::LogLimits;
 use clap::Parser;
 use ringcast_ring::{Ring, RingSource};
 use std::net::SocketAddr;
@@ -22,6 +23,8 @@ pub struct Config {
     pub keepalive: Duration,
     /// Largest gRPC message accepted or sent.
     pub max_message_bytes: usize,
+    /// How much history each topic keeps for recovery.
+    pub log: LogLimits,
 }
 
 impl Config {
@@ -32,8 +35,9 @@ impl Config {
             ring,
             ring_source,
             stream_queue: 65_536,
-            keepalive: Duration::from_secs(5),
+            keepalive: Duration::from_secs(2),
             max_message_bytes: 16 * 1024 * 1024,
+            log: LogLimits::default(),
         }
     }
 
@@ -68,8 +72,17 @@ struct Cli {
     #[arg(long, env = "TOPIC_SERVER_STREAM_QUEUE", value_name = "TOPIC_SERVER_STREAM_QUEUE", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(16..))]
     stream_queue: u32,
     /// Seconds between HTTP/2 keepalive pings to gateways (also the ping timeout).
-    #[arg(long, env = "TOPIC_SERVER_KEEPALIVE_SECS", value_name = "TOPIC_SERVER_KEEPALIVE_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, env = "TOPIC_SERVER_KEEPALIVE_SECS", value_name = "TOPIC_SERVER_KEEPALIVE_SECS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
     keepalive_secs: u64,
+    /// Messages kept per topic for recovery after a reconnect (0: none).
+    #[arg(long, env = "TOPIC_SERVER_LOG_MESSAGES", value_name = "TOPIC_SERVER_LOG_MESSAGES", default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    log_messages: u32,
+    /// Seconds a message stays in its topic's log.
+    #[arg(long, env = "TOPIC_SERVER_LOG_SECONDS", value_name = "TOPIC_SERVER_LOG_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    log_seconds: u64,
+    /// Bytes (payloads and event names) kept per topic log.
+    #[arg(long, env = "TOPIC_SERVER_LOG_BYTES", value_name = "TOPIC_SERVER_LOG_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
+    log_bytes: u64,
 }
 
 impl Cli {
@@ -90,6 +103,11 @@ impl Cli {
         let mut config = Config::new(self.id, ring, source);
         config.stream_queue = self.stream_queue as usize;
         config.keepalive = Duration::from_secs(self.keepalive_secs);
+        config.log = LogLimits {
+            messages: self.log_messages as usize,
+            bytes: self.log_bytes as usize,
+            age: Duration::from_secs(self.log_seconds),
+        };
         Ok((self.listen, config))
     }
 }

@@ -1,9 +1,14 @@
-//! The topic registry: every owned topic's epoch, offset and subscribers grouped by gateway.
+//! The topic registry: every owned topic's epoch, offset, recent messages and subscribers
+//! grouped by gateway.
 //!
-//! Plain data, no IO: the service wraps shards of it in locks and turns what it returns
-//! into stream messages. A topic exists while it has subscribers.
+//! Plain data, no IO (callers pass the time): the service wraps shards of it in locks and
+//! turns what it returns into stream messages. A topic exists while it has subscribers or
+//! messages in its log; when it is created again it gets a new epoch.
 
+use crate::log::{Dropped, LogLimits, Message, TopicLog};
+use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
+use std::time::Instant;
 
 /// A gateway-local subscriber id, chosen by the gateway.
 pub type SubscriberId = u64;
@@ -16,7 +21,7 @@ pub struct Position {
 }
 
 /// Makes a fresh epoch for every topic state created, so that a recreated topic (after a
-/// restart, or after its last subscriber left) is never mistaken for the old one.
+/// restart, or after its log expired) is never mistaken for the old one.
 #[derive(Debug, Clone)]
 pub struct EpochSource {
     seed: u64,
@@ -46,6 +51,7 @@ struct Topic<G> {
     offset: u64,
     /// Subscribers grouped by the gateway that holds them: fan-out is one delivery per entry.
     gateways: Vec<(G, HashSet<SubscriberId>)>,
+    log: TopicLog,
 }
 
 impl<G> Topic<G> {
@@ -56,8 +62,9 @@ impl<G> Topic<G> {
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.gateways.is_empty()
+    /// Nothing left to keep: no subscriber and no message to recover.
+    fn is_idle(&self) -> bool {
+        self.gateways.is_empty() && self.log.is_empty()
     }
 }
 
@@ -69,38 +76,67 @@ pub struct Published<'a, G> {
     pub gateways: Vec<&'a G>,
 }
 
+/// A subscription made by [`TopicRegistry::subscribe`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Subscribed {
+    /// The topic's position: the subscriber's live deliveries start after it.
+    pub position: Position,
+    /// When recovery was asked for and the log covers it: every message after the
+    /// subscriber's position, to send before the live ones. `None`: not recovered.
+    pub replay: Option<Vec<Message>>,
+}
+
 /// The topics of one shard. `G` identifies a gateway's stream (cheap to clone and compare).
 #[derive(Debug)]
 pub struct TopicRegistry<G> {
     topics: HashMap<String, Topic<G>>,
     epochs: EpochSource,
+    limits: LogLimits,
     subscriptions: usize,
+    logged: Dropped,
 }
 
 impl<G: PartialEq + Clone> TopicRegistry<G> {
-    pub fn new(epochs: EpochSource) -> Self {
+    pub fn new(epochs: EpochSource, limits: LogLimits) -> Self {
         TopicRegistry {
             topics: HashMap::new(),
             epochs,
+            limits,
             subscriptions: 0,
+            logged: Dropped::default(),
         }
     }
 
-    /// Adds `subscriber` of `gateway` to `topic`, creating the topic with a new epoch if
-    /// needed. Returns the position before the subscriber's first delivery. Subscribing
-    /// twice is harmless.
-    pub fn subscribe(&mut self, topic: &str, gateway: &G, subscriber: SubscriberId) -> Position {
-        let state = match self.topics.get_mut(topic) {
-            Some(state) => state,
-            None => {
-                let epoch = self.epochs.next();
-                self.topics.entry(topic.to_owned()).or_insert(Topic {
+    fn topic_mut(&mut self, topic: &str) -> &mut Topic<G> {
+        if !self.topics.contains_key(topic) {
+            let epoch = self.epochs.next();
+            self.topics.insert(
+                topic.to_owned(),
+                Topic {
                     epoch,
                     offset: 0,
                     gateways: Vec::new(),
-                })
-            }
-        };
+                    log: TopicLog::default(),
+                },
+            );
+        }
+        self.topics.get_mut(topic).expect("just inserted")
+    }
+
+    /// Adds `subscriber` of `gateway` to `topic`, creating the topic with a new epoch if
+    /// needed. With `recover`, the messages after that position are returned when the log
+    /// still holds every one of them (same epoch). Subscribing twice is harmless.
+    pub fn subscribe(
+        &mut self,
+        topic: &str,
+        gateway: &G,
+        subscriber: SubscriberId,
+        recover: Option<Position>,
+        now: Instant,
+    ) -> Subscribed {
+        let limits = self.limits;
+        let state = self.topic_mut(topic);
+        let expired = state.log.expire(now, &limits);
         let set = match state.gateways.iter_mut().position(|(g, _)| g == gateway) {
             Some(i) => &mut state.gateways[i].1,
             None => {
@@ -108,14 +144,19 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
                 &mut state.gateways.last_mut().expect("just pushed").1
             }
         };
-        if set.insert(subscriber) {
+        let added = set.insert(subscriber);
+        let replay = recover
+            .filter(|r| r.epoch == state.epoch)
+            .and_then(|r| state.log.since(r.offset, state.offset));
+        let position = state.position();
+        self.forget(expired);
+        if added {
             self.subscriptions += 1;
         }
-        state.position()
+        Subscribed { position, replay }
     }
 
-    /// Removes one subscriber; drops the topic when nobody is left. Returns whether it was
-    /// subscribed.
+    /// Removes one subscriber. Returns whether it was subscribed.
     pub fn unsubscribe(&mut self, topic: &str, gateway: &G, subscriber: SubscriberId) -> bool {
         let Some(state) = self.topics.get_mut(topic) else {
             return false;
@@ -130,21 +171,49 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         if removed {
             self.subscriptions -= 1;
         }
-        if state.is_empty() {
+        if state.is_idle() {
             self.topics.remove(topic);
         }
         removed
     }
 
-    /// Appends a message to `topic`: the next offset, and the gateways with subscribers.
-    /// `None` when the topic has no subscribers (nobody would receive it).
-    pub fn publish(&mut self, topic: &str) -> Option<Published<'_, G>> {
-        let state = self.topics.get_mut(topic)?;
+    /// Appends a message to `topic` (created if needed): the next offset, kept in the log,
+    /// and the gateways with subscribers, one delivery each.
+    pub fn publish(
+        &mut self,
+        topic: &str,
+        event: &str,
+        payload: &Bytes,
+        now: Instant,
+    ) -> Published<'_, G> {
+        let limits = self.limits;
+        let state = self.topic_mut(topic);
         state.offset += 1;
-        Some(Published {
-            position: state.position(),
+        let message = Message {
+            offset: state.offset,
+            event: event.to_owned(),
+            payload: payload.clone(),
+        };
+        let size = message.event.len() + message.payload.len();
+        let dropped = state.log.push(message, now, &limits);
+        let position = state.position();
+        let idle = state.is_idle();
+        self.logged.messages += 1;
+        self.logged.bytes += size;
+        self.forget(dropped);
+        if idle {
+            // Not kept and nobody to deliver to: like Phoenix PubSub, it reaches no one.
+            self.topics.remove(topic);
+            return Published {
+                position,
+                gateways: Vec::new(),
+            };
+        }
+        let state = &self.topics[topic];
+        Published {
+            position,
             gateways: state.gateways.iter().map(|(g, _)| g).collect(),
-        })
+        }
     }
 
     /// Drops every subscription held by `gateway` (its stream ended). Returns how many.
@@ -154,10 +223,30 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
             if let Some(i) = state.gateways.iter().position(|(g, _)| g == gateway) {
                 dropped += state.gateways.swap_remove(i).1.len();
             }
-            !state.is_empty()
+            !state.is_idle()
         });
         self.subscriptions -= dropped;
         dropped
+    }
+
+    /// Drops messages past the age limit, then topics left with neither subscribers nor
+    /// messages. Returns how many topics went.
+    pub fn expire(&mut self, now: Instant) -> usize {
+        let (limits, before) = (self.limits, self.topics.len());
+        let mut expired = Dropped::default();
+        self.topics.retain(|_, state| {
+            let dropped = state.log.expire(now, &limits);
+            expired.messages += dropped.messages;
+            expired.bytes += dropped.bytes;
+            !state.is_idle()
+        });
+        self.forget(expired);
+        before - self.topics.len()
+    }
+
+    fn forget(&mut self, dropped: Dropped) {
+        self.logged.messages -= dropped.messages;
+        self.logged.bytes -= dropped.bytes;
     }
 
     /// The current position of a topic, if it exists.
@@ -172,46 +261,63 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     pub fn subscription_count(&self) -> usize {
         self.subscriptions
     }
+
+    /// Messages held in the logs of this shard, and their payload + event bytes.
+    pub fn logged(&self) -> (usize, usize) {
+        (self.logged.messages, self.logged.bytes)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn registry() -> TopicRegistry<&'static str> {
-        TopicRegistry::new(EpochSource::new(7))
+        TopicRegistry::new(EpochSource::new(7), LogLimits::default())
+    }
+
+    fn sub(
+        r: &mut TopicRegistry<&'static str>,
+        topic: &str,
+        gw: &'static str,
+        id: u64,
+    ) -> Position {
+        r.subscribe(topic, &gw, id, None, Instant::now()).position
+    }
+
+    fn publish(r: &mut TopicRegistry<&'static str>, topic: &str) -> (Position, Vec<&'static str>) {
+        let p = r.publish(topic, "e", &Bytes::from_static(b"{}"), Instant::now());
+        let mut gateways: Vec<&str> = p.gateways.iter().map(|g| **g).collect();
+        gateways.sort();
+        (p.position, gateways)
     }
 
     #[test]
     fn fan_out_is_one_entry_per_gateway_not_per_subscriber() {
         let mut r = registry();
-        r.subscribe("t", &"gw1", 1);
-        for sub in 0..500 {
-            r.subscribe("t", &"gw2", 100 + sub);
+        sub(&mut r, "t", "gw1", 1);
+        for id in 0..500 {
+            sub(&mut r, "t", "gw2", 100 + id);
         }
-        let published = r.publish("t").unwrap();
-        let mut gateways: Vec<&str> = published.gateways.iter().map(|g| **g).collect();
-        gateways.sort();
-        assert_eq!(gateways, ["gw1", "gw2"]);
+        assert_eq!(publish(&mut r, "t").1, ["gw1", "gw2"]);
         assert_eq!(r.subscription_count(), 501);
     }
 
     #[test]
     fn offsets_are_one_total_order_per_topic() {
         let mut r = registry();
-        let joined = r.subscribe("a", &"gw1", 1);
+        let joined = sub(&mut r, "a", "gw1", 1);
         assert_eq!(joined.offset, 0);
-        r.subscribe("b", &"gw1", 2);
-        let offsets: Vec<u64> = (0..5)
-            .map(|_| r.publish("a").unwrap().position.offset)
-            .collect();
+        sub(&mut r, "b", "gw1", 2);
+        let offsets: Vec<u64> = (0..5).map(|_| publish(&mut r, "a").0.offset).collect();
         assert_eq!(offsets, [1, 2, 3, 4, 5]);
         assert_eq!(
-            r.publish("b").unwrap().position.offset,
+            publish(&mut r, "b").0.offset,
             1,
             "topics count independently"
         );
-        let later = r.subscribe("a", &"gw2", 3);
+        let later = sub(&mut r, "a", "gw2", 3);
         assert_eq!(
             later,
             Position {
@@ -222,20 +328,104 @@ mod tests {
     }
 
     #[test]
-    fn a_topic_with_no_subscribers_takes_no_messages() {
+    fn a_topic_without_subscribers_keeps_its_log_then_expires() {
         let mut r = registry();
-        assert!(r.publish("nobody").is_none());
+        let t0 = Instant::now();
+        let p = r.publish("t", "e", &Bytes::from_static(b"1"), t0);
+        assert!(p.gateways.is_empty());
+        let p = p.position;
+        assert_eq!(p.offset, 1);
+        assert_eq!((r.topic_count(), r.logged()), (1, (1, 2)));
+        let recovered = r.subscribe(
+            "t",
+            &"gw",
+            1,
+            Some(Position {
+                epoch: p.epoch,
+                offset: 0,
+            }),
+            t0,
+        );
+        assert_eq!(recovered.replay.unwrap().len(), 1);
+        r.unsubscribe("t", &"gw", 1);
+        assert_eq!(r.expire(t0 + Duration::from_secs(10)), 0, "log still young");
+        assert_eq!(r.expire(t0 + Duration::from_secs(301)), 1);
+        assert_eq!((r.topic_count(), r.logged()), (0, (0, 0)));
+    }
+
+    #[test]
+    fn without_a_log_a_topic_with_no_subscribers_keeps_nothing() {
+        let mut r = TopicRegistry::<&str>::new(
+            EpochSource::new(1),
+            LogLimits {
+                messages: 0,
+                ..LogLimits::default()
+            },
+        );
+        assert!(publish(&mut r, "nobody").1.is_empty());
         assert_eq!(r.topic_count(), 0);
+    }
+
+    #[test]
+    fn recovery_is_all_or_nothing_within_the_epoch() {
+        let mut r = TopicRegistry::<&str>::new(
+            EpochSource::new(3),
+            LogLimits {
+                messages: 3,
+                ..LogLimits::default()
+            },
+        );
+        let start = sub(&mut r, "t", "gw", 1);
+        for _ in 0..5 {
+            publish(&mut r, "t");
+        }
+        let now = Instant::now();
+        let at = |offset| {
+            Some(Position {
+                epoch: start.epoch,
+                offset,
+            })
+        };
+        let replayed = |s: Subscribed| {
+            s.replay
+                .map(|m| m.iter().map(|m| m.offset).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            replayed(r.subscribe("t", &"gw", 2, at(2), now)),
+            Some(vec![3, 4, 5])
+        );
+        assert_eq!(
+            replayed(r.subscribe("t", &"gw", 3, at(1), now)),
+            None,
+            "offset 2 fell out"
+        );
+        assert_eq!(
+            replayed(r.subscribe("t", &"gw", 4, at(5), now)),
+            Some(vec![])
+        );
+        assert_eq!(
+            replayed(r.subscribe("t", &"gw", 5, at(9), now)),
+            None,
+            "ahead"
+        );
+        let other_epoch = Some(Position {
+            epoch: start.epoch ^ 1,
+            offset: 4,
+        });
+        let s = r.subscribe("t", &"gw", 6, other_epoch, now);
+        assert_eq!((s.replay, s.position.offset), (None, 5));
     }
 
     #[test]
     fn recreated_topics_get_a_new_epoch() {
         let mut r = registry();
-        let first = r.subscribe("t", &"gw1", 1);
-        r.publish("t");
+        let first = sub(&mut r, "t", "gw1", 1);
+        publish(&mut r, "t");
         assert!(r.unsubscribe("t", &"gw1", 1));
+        let t = Instant::now() + Duration::from_secs(301);
+        r.expire(t);
         assert_eq!(r.topic_count(), 0);
-        let second = r.subscribe("t", &"gw1", 1);
+        let second = r.subscribe("t", &"gw1", 1, None, t).position;
         assert_ne!(first.epoch, second.epoch);
         assert_eq!(second.offset, 0);
     }
@@ -243,35 +433,35 @@ mod tests {
     #[test]
     fn unsubscribe_keeps_other_gateways() {
         let mut r = registry();
-        r.subscribe("t", &"gw1", 1);
-        r.subscribe("t", &"gw2", 2);
+        sub(&mut r, "t", "gw1", 1);
+        sub(&mut r, "t", "gw2", 2);
         assert!(r.unsubscribe("t", &"gw1", 1));
         assert!(
             !r.unsubscribe("t", &"gw1", 1),
             "second unsubscribe is a no-op"
         );
-        assert_eq!(r.publish("t").unwrap().gateways, [&"gw2"]);
+        assert_eq!(publish(&mut r, "t").1, ["gw2"]);
     }
 
     #[test]
     fn dropping_a_gateway_removes_all_its_subscriptions() {
         let mut r = registry();
         for topic in ["a", "b", "c"] {
-            r.subscribe(topic, &"gone", 1);
-            r.subscribe(topic, &"gone", 2);
+            sub(&mut r, topic, "gone", 1);
+            sub(&mut r, topic, "gone", 2);
         }
-        r.subscribe("b", &"stays", 9);
+        sub(&mut r, "b", "stays", 9);
         assert_eq!(r.drop_gateway(&"gone"), 6);
         assert_eq!(r.topic_count(), 1);
         assert_eq!(r.subscription_count(), 1);
-        assert_eq!(r.publish("b").unwrap().gateways, [&"stays"]);
+        assert_eq!(publish(&mut r, "b").1, ["stays"]);
     }
 
     #[test]
     fn duplicate_subscribe_counts_once() {
         let mut r = registry();
-        r.subscribe("t", &"gw", 1);
-        r.subscribe("t", &"gw", 1);
+        sub(&mut r, "t", "gw", 1);
+        sub(&mut r, "t", "gw", 1);
         assert_eq!(r.subscription_count(), 1);
     }
 }

@@ -41,6 +41,7 @@ pub async fn run(
         Ownership::ring(config.node_id.clone(), config.ring.clone()),
         ServiceLimits {
             stream_queue: config.stream_queue,
+            log: config.log,
         },
         shutdown.child_token(),
     );

@@ -4,6 +4,7 @@
 //! [`TopicRegistry`], and everything sent back to that gateway (acks, deliveries) goes
 //! through the link's bounded queue, which the outbound stream drains into batches.
 
+use crate::log::LogLimits;
 use crate::registry::{EpochSource, Position, TopicRegistry};
 use arc_swap::ArcSwap;
 use futures::{Stream, StreamExt};
@@ -14,6 +15,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -59,11 +61,25 @@ impl Ownership {
     }
 }
 
+/// How often topic logs are checked for messages past their age limit.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+
 /// Limits of the service.
 #[derive(Debug, Clone)]
 pub struct ServiceLimits {
     /// Stream messages queued per gateway before that gateway is cut off as too slow.
     pub stream_queue: usize,
+    /// How much history each topic keeps for recovery.
+    pub log: LogLimits,
+}
+
+impl Default for ServiceLimits {
+    fn default() -> Self {
+        ServiceLimits {
+            stream_queue: 65_536,
+            log: LogLimits::default(),
+        }
+    }
 }
 
 /// Why a link was closed by this side.
@@ -115,6 +131,10 @@ pub struct Stats {
     /// Subscriptions dropped because their gateway's stream ended.
     pub subscriptions_dropped: AtomicU64,
     pub wrong_owner: AtomicU64,
+    /// Subscriptions made with a recovery position: served from the log, or refused.
+    pub recoveries: AtomicU64,
+    pub recoveries_refused: AtomicU64,
+    pub replayed: AtomicU64,
 }
 
 /// A point-in-time view of the service for the status endpoint.
@@ -124,6 +144,9 @@ pub struct StatusSnapshot {
     pub ring_version: u64,
     pub topics: usize,
     pub subscriptions: usize,
+    /// Messages held in topic logs, and their bytes (payload + event).
+    pub log_messages: usize,
+    pub log_bytes: usize,
     pub gateways: Vec<String>,
     pub links_open: usize,
     pub links_total: u64,
@@ -133,6 +156,9 @@ pub struct StatusSnapshot {
     pub deliveries: u64,
     pub batches: u64,
     pub wrong_owner: u64,
+    pub recoveries: u64,
+    pub recoveries_refused: u64,
+    pub replayed: u64,
 }
 
 struct Shared {
@@ -167,12 +193,13 @@ impl TopicService {
         let seed = rand::random::<u64>();
         let shards = (0..SHARDS)
             .map(|i| {
-                Mutex::new(TopicRegistry::new(EpochSource::new(
-                    seed ^ ((i as u64) << 56),
-                )))
+                Mutex::new(TopicRegistry::new(
+                    EpochSource::new(seed ^ ((i as u64) << 56)),
+                    limits.log,
+                ))
             })
             .collect();
-        TopicService {
+        let service = TopicService {
             shared: Arc::new(Shared {
                 shards,
                 hasher: RandomState::new(),
@@ -184,7 +211,19 @@ impl TopicService {
                 shutdown,
                 tasks: TaskTracker::new(),
             }),
-        }
+        };
+        let shared = service.shared.clone();
+        service.shared.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(EXPIRE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => break,
+                    _ = tick.tick() => shared.expire(Instant::now()),
+                }
+            }
+        });
+        service
     }
 
     pub fn ownership(&self) -> &Ownership {
@@ -264,11 +303,14 @@ impl TopicService {
 
     pub fn status(&self) -> StatusSnapshot {
         let s = &self.shared;
-        let (mut topics, mut subscriptions) = (0, 0);
+        let (mut topics, mut subscriptions, mut log_messages, mut log_bytes) = (0, 0, 0, 0);
         for shard in s.shards.iter() {
             let shard = shard.lock();
             topics += shard.topic_count();
             subscriptions += shard.subscription_count();
+            let (messages, bytes) = shard.logged();
+            log_messages += messages;
+            log_bytes += bytes;
         }
         let gateways = s
             .links
@@ -289,6 +331,8 @@ impl TopicService {
             ring_version: s.ownership.version(),
             topics,
             subscriptions,
+            log_messages,
+            log_bytes,
             gateways,
             links_open: s.stats.links_open.load(Relaxed),
             links_total: s.stats.links_total.load(Relaxed),
@@ -298,6 +342,9 @@ impl TopicService {
             deliveries: s.stats.deliveries.load(Relaxed),
             batches: s.stats.batches.load(Relaxed),
             wrong_owner: s.stats.wrong_owner.load(Relaxed),
+            recoveries: s.stats.recoveries.load(Relaxed),
+            recoveries_refused: s.stats.recoveries_refused.load(Relaxed),
+            replayed: s.stats.replayed.load(Relaxed),
         }
     }
 }
@@ -346,6 +393,13 @@ impl Shared {
         tracing::info!(link = link.0.id, gateway = ?link.0.gateway_id.get(), dropped, "gateway stream ended");
     }
 
+    /// Drops log messages past their age, and topics left with nothing.
+    fn expire(&self, now: Instant) {
+        for shard in self.shards.iter() {
+            shard.lock().expire(now);
+        }
+    }
+
     fn shard(&self, topic: &str) -> &Mutex<TopicRegistry<LinkRef>> {
         &self.shards[(self.hasher.hash_one(topic) as usize) % self.shards.len()]
     }
@@ -374,10 +428,36 @@ impl Shared {
                 if !self.ownership.owns(&sub.topic) {
                     return self.wrong_owner(link, sub.request_id, sub.topic);
                 }
+                let recover = sub.recover.map(|p| Position {
+                    epoch: p.epoch,
+                    offset: p.offset,
+                });
                 let mut shard = self.shard(&sub.topic).lock();
-                let Position { epoch, offset } = shard.subscribe(&sub.topic, link, sub.subscriber);
-                // Sent under the shard lock: the ack is ordered with the topic's deliveries.
-                self.send(&link.0, Down::ack(sub.request_id, epoch, offset));
+                let subscribed =
+                    shard.subscribe(&sub.topic, link, sub.subscriber, recover, Instant::now());
+                let Position { epoch, offset } = subscribed.position;
+                // Sent under the shard lock: replay and ack are ordered with the topic's
+                // deliveries, so the subscriber's messages continue with no gap.
+                let ack = match (recover, subscribed.replay) {
+                    (Some(_), Some(replay)) => {
+                        self.stats.recoveries.fetch_add(1, Relaxed);
+                        self.stats.replayed.fetch_add(replay.len() as u64, Relaxed);
+                        for m in replay {
+                            self.send(
+                                &link.0,
+                                Down::replay(sub.request_id, m.event, m.payload, m.offset),
+                            );
+                        }
+                        Down::recovered_ack(sub.request_id, epoch, offset)
+                    }
+                    (Some(_), None) => {
+                        self.stats.recoveries.fetch_add(1, Relaxed);
+                        self.stats.recoveries_refused.fetch_add(1, Relaxed);
+                        Down::ack(sub.request_id, epoch, offset)
+                    }
+                    (None, _) => Down::ack(sub.request_id, epoch, offset),
+                };
+                self.send(&link.0, ack);
             }
             up::Kind::Unsubscribe(unsub) => {
                 let mut shard = self.shard(&unsub.topic).lock();
@@ -394,10 +474,12 @@ impl Shared {
                 }
                 self.stats.publishes.fetch_add(1, Relaxed);
                 let mut shard = self.shard(&publish.topic).lock();
-                let Some(published) = shard.publish(&publish.topic) else {
-                    // Nobody subscribed: like Phoenix PubSub, the message reaches no one.
-                    return self.send(&link.0, Down::ack(publish.request_id, 0, 0));
-                };
+                let published = shard.publish(
+                    &publish.topic,
+                    &publish.event,
+                    &publish.payload,
+                    Instant::now(),
+                );
                 let Position { epoch, offset } = published.position;
                 // The publisher's ack goes first, so its reply precedes its own delivery.
                 self.send(&link.0, Down::ack(publish.request_id, epoch, offset));
