@@ -3,6 +3,9 @@
 // Usage: node driver.mjs ws://127.0.0.1:PORT/socket
 // Reads one JSON command per line on stdin, writes one JSON event per line on stdout:
 //   {"op":"join","topic":T,"params":{...}}        -> join_ok / join_error / join_timeout
+//     with "recover": true, the channel keeps its position (epoch + offset, counting every
+//     message) and every rejoin sends it as {"recover": position}; messages then carry
+//     their "offset"
 //   {"op":"push","topic":T,"event":E,"payload":P} -> push_ok / push_error / push_timeout
 //   {"op":"leave","topic":T}                      -> leave_ok
 //   {"op":"exit"}
@@ -27,12 +30,23 @@ socket.connect();
 
 const channels = new Map();
 
-function join(topic, params) {
-  const channel = socket.channel(topic, params || {});
+function join(topic, params, recover) {
+  // The README's recovery pattern: channel params as a function, so that a rejoin sends the
+  // position the client has reached.
+  let position = null;
+  const joinParams = recover
+    ? () => (position ? { ...params, recover: position } : { ...params })
+    : params || {};
+  const channel = socket.channel(topic, joinParams);
   channels.set(topic, channel);
   channel.onMessage = (event, payload) => {
     if (!event.startsWith("phx_") && !event.startsWith("chan_reply_")) {
-      out({ ev: "message", topic, event, payload });
+      if (recover) {
+        position.offset += 1;
+        out({ ev: "message", topic, event, payload, offset: position.offset });
+      } else {
+        out({ ev: "message", topic, event, payload });
+      }
     }
     return payload;
   };
@@ -40,7 +54,10 @@ function join(topic, params) {
   channel.onClose(() => out({ ev: "channel_close", topic }));
   channel
     .join()
-    .receive("ok", (response) => out({ ev: "join_ok", topic, response }))
+    .receive("ok", (response) => {
+      if (recover) position = { epoch: response.epoch, offset: response.offset };
+      out({ ev: "join_ok", topic, response });
+    })
     .receive("error", (response) => out({ ev: "join_error", topic, response }))
     .receive("timeout", () => out({ ev: "join_timeout", topic }));
 }
@@ -52,7 +69,7 @@ rl.on("line", (line) => {
   const channel = channels.get(cmd.topic);
   switch (cmd.op) {
     case "join":
-      join(cmd.topic, cmd.params);
+      join(cmd.topic, cmd.params, cmd.recover);
       break;
     case "push":
       channel

@@ -1,9 +1,9 @@
 //! Starts real `topic-server` and `gateway` processes on ephemeral loopback ports.
 
+use crate::proxy::TcpProxy;
 use crate::{EVENT_TIMEOUT, eventually};
 use parking_lot::Mutex;
 use serde_json::Value;
-use crate::proxy::TcpProxy;
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -67,7 +67,10 @@ impl Proc {
             name: name.to_owned(),
             addr,
             binary: binary.to_owned(),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
             child: None,
         };
         proc.start();

@@ -96,6 +96,23 @@ impl NodeClient {
         self.next_event().await
     }
 
+    /// Joins with the recovery pattern: every rejoin sends the position reached.
+    pub async fn join_recovering(&mut self, topic: &str, params: Value) -> Value {
+        self.send(json!({"op": "join", "topic": topic, "params": params, "recover": true}))
+            .await;
+        self.next_event().await
+    }
+
+    /// The next event that is not one of `skip`.
+    pub async fn next_event_skipping(&mut self, skip: &[&str]) -> Value {
+        loop {
+            let event = self.next_event().await;
+            if !skip.iter().any(|s| event["ev"] == *s) {
+                return event;
+            }
+        }
+    }
+
     pub async fn push(&mut self, topic: &str, event: &str, payload: Value) {
         self.send(json!({"op": "push", "topic": topic, "event": event, "payload": payload}))
             .await;
