@@ -126,6 +126,33 @@ impl WsClient {
         self.until_reply(&msg_ref, "ok").await
     }
 
+    /// Publishes `[event, payload]` and returns the ok reply's response (the message's
+    /// epoch and offset), skipping any frame before it.
+    pub async fn publish_reply(
+        &mut self,
+        join_ref: &str,
+        topic: &str,
+        event: &str,
+        payload: Value,
+    ) -> Value {
+        let msg_ref = self.fresh_ref();
+        self.send_json(json!([
+            join_ref,
+            msg_ref,
+            topic,
+            "publish",
+            [event, payload]
+        ]))
+        .await;
+        loop {
+            let frame = self.recv_json().await;
+            if frame[1] == msg_ref.as_str() && frame[3] == "phx_reply" {
+                assert_eq!(frame[4]["status"], "ok", "reply to {msg_ref}: {frame}");
+                return frame[4]["response"].clone();
+            }
+        }
+    }
+
     /// Reads frames until the reply to `msg_ref`, asserting its status; returns the frames
     /// read before it.
     pub async fn until_reply(&mut self, msg_ref: &str, status: &str) -> Vec<Value> {
