@@ -35,7 +35,11 @@ channel
   .join()
   .receive("ok", (reply) => {
     position = { epoch: reply.epoch, offset: reply.offset };
-    console.log(`joined ${topic} at epoch ${reply.epoch}, offset ${reply.offset}`);
+    const recovery =
+      reply.recovered === true ? " (recovered: missed messages follow)"
+      : reply.recovered === false ? " (could not recover: messages were missed)"
+      : "";
+    console.log(`joined ${topic} at epoch ${reply.epoch}, offset ${reply.offset}${recovery}`);
     if (message) {
       channel
         .push("publish", ["event", { message }])
