@@ -143,13 +143,19 @@ impl LocalIndex {
 
     /// Removes every subscription made at `node`; returns them with their topics.
     pub fn remove_node(&self, node: &str) -> Vec<(String, LocalSub)> {
+        self.remove_where(|_, at| at == node)
+    }
+
+    /// Removes every subscription for which `remove(topic, node it was made at)` holds;
+    /// returns them with their topics.
+    pub fn remove_where(&self, remove: impl Fn(&str, &str) -> bool) -> Vec<(String, LocalSub)> {
         let mut removed = Vec::new();
         for shard in self.shards.iter() {
             let mut shard = shard.write();
             shard.retain(|topic, subs| {
                 subs.groups.retain(|_, group| {
                     group.retain(|s| {
-                        let keep = &*s.node != node;
+                        let keep = !remove(topic, &s.node);
                         if !keep {
                             removed.push((topic.clone(), s.clone()));
                         }

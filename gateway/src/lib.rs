@@ -2,7 +2,7 @@
 //!
 //! `codec` is the pure wire format; `session` runs one connection; `index` is the local
 //! `topic -> subscribers` fan-out; `upstream` keeps one stream per topic server; `routing`
-//! picks the link by the ring; `server` puts it all on the network; `config` reads the
+//! picks the link by the ring; `rebalance` follows ring edits; `server` puts it all on the network; `config` reads the
 //! environment.
 
 pub mod codec;
@@ -10,6 +10,7 @@ pub mod config;
 pub mod conn;
 pub mod index;
 pub mod metrics;
+pub mod rebalance;
 pub mod routing;
 pub mod server;
 pub mod session;
@@ -27,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Gateway {
     pub config: Config,
     pub routing: routing::Routing,
+    /// The ring file watcher (ring mode): the ring in force and the last refused edit.
+    pub ring_watch: Option<ringcast_ring::watcher::RingWatch>,
     pub index: Arc<index::LocalIndex>,
     pub metrics: Arc<metrics::Metrics>,
     pub next_sub: AtomicU64,

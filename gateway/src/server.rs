@@ -8,9 +8,9 @@ use crate::codec::Vsn;
 use crate::config::Config;
 use crate::index::LocalIndex;
 use crate::metrics::Metrics;
-use crate::routing::Routing;
+use crate::routing::{LinkFactory, RingRouting, Routing};
 use crate::upstream::{Connector, LinkContext, UpstreamLink};
-use crate::{Gateway, session};
+use crate::{Gateway, rebalance, session};
 use arc_swap::ArcSwap;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Query, State, WebSocketUpgrade};
@@ -18,6 +18,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use ringcast_ring::watcher;
 use ringcast_topic_server::{Ownership, ServiceLimits, TopicService};
 use serde_json::json;
 use std::collections::HashMap;
@@ -52,67 +53,63 @@ pub async fn run(
     let ring_version = Arc::new(AtomicU64::new(
         config.ring.as_ref().map_or(0, |(r, _)| r.version()),
     ));
+    let ring = config
+        .ring
+        .as_ref()
+        .map(|(ring, _)| Arc::new(ArcSwap::from_pointee(ring.clone())));
     let ctx = Arc::new(LinkContext {
         gateway_id: config.gateway_id.clone(),
         index: index.clone(),
         metrics: metrics.clone(),
         queue: config.upstream_queue,
         ring_version,
+        ring: ring.clone(),
     });
     let core_stop = CancellationToken::new();
-    let routing = match &config.ring {
-        None => {
+    let link_tasks = TaskTracker::new();
+    let (routing, ring_watch) = match (&config.ring, ring) {
+        (Some((initial, source)), Some(ring)) => {
+            let factory = LinkFactory {
+                ctx,
+                keepalive: config.keepalive,
+                max_message_bytes: 16 * 1024 * 1024,
+                stop: links_stop.clone(),
+                tasks: link_tasks.clone(),
+            };
+            let watch = watcher::spawn(source.clone(), initial.clone(), shutdown.clone());
+            (
+                Routing::Ring(RingRouting::start(ring, factory)),
+                Some(watch),
+            )
+        }
+        _ => {
             let core =
                 TopicService::new(Ownership::All, ServiceLimits::default(), core_stop.clone());
-            Routing::Embedded(UpstreamLink::new(
+            let link = UpstreamLink::new(
                 EMBEDDED_NODE.into(),
                 Connector::InProcess(core),
                 ctx,
                 links_stop.clone(),
-            ))
-        }
-        Some((ring, _)) => {
-            let links = ring
-                .nodes()
-                .iter()
-                .map(|node| {
-                    let connector = Connector::Grpc {
-                        addr: node.addr.clone(),
-                        keepalive: config.keepalive,
-                        max_message_bytes: 16 * 1024 * 1024,
-                    };
-                    (
-                        node.id.clone(),
-                        UpstreamLink::new(
-                            node.id.as_str().into(),
-                            connector,
-                            ctx.clone(),
-                            links_stop.clone(),
-                        ),
-                    )
-                })
-                .collect::<HashMap<_, _>>();
-            Routing::Ring {
-                ring: ArcSwap::from_pointee(ring.clone()),
-                links,
-            }
+            );
+            link_tasks.spawn(link.clone().run());
+            (Routing::Embedded(link), None)
         }
     };
-    let link_tasks = TaskTracker::new();
-    for link in routing.links() {
-        link_tasks.spawn(link.run());
-    }
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let grace = config.shutdown_grace;
     let gateway = Arc::new(Gateway {
         config,
         routing,
+        ring_watch,
         index,
         metrics,
         next_sub: AtomicU64::new(1),
         next_conn: AtomicU64::new(1),
         shutdown: shutdown.clone(),
     });
+    if let Some(watch) = &gateway.ring_watch {
+        tokio::spawn(rebalance::follow(gateway.clone(), watch.ring.clone()));
+    }
     tracing::info!(
         addr = %listener.local_addr()?,
         gateway = %gateway.config.gateway_id,
@@ -209,6 +206,7 @@ async fn status(State(state): State<AppState>) -> impl IntoResponse {
         "gateway_id": g.config.gateway_id,
         "mode": if g.config.ring.is_some() { "ring" } else { "embedded" },
         "ring_version": g.routing.version(),
+        "ring_refused": g.ring_watch.as_ref().and_then(|w| w.refused()),
         "links": links,
         "connections": m.connections.load(Relaxed),
         "connections_total": m.connections_total.load(Relaxed),

@@ -10,10 +10,12 @@ use crate::codec::{self, Vsn};
 use crate::conn::{ChannelEvent, ConnEvent, ConnHandle, Replayed};
 use crate::index::{Delivered, GroupKey, LocalIndex, LocalSub, Position};
 use crate::metrics::Metrics;
+use arc_swap::ArcSwap;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
 use ringcast_proto::{Down, DownBatch, TopicServerClient, Up, UpBatch, down};
+use ringcast_ring::Ring;
 use ringcast_topic_server::TopicService;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -171,6 +173,9 @@ pub struct LinkContext {
     /// Requests queued per link before new ones are refused as unavailable.
     pub queue: usize,
     pub ring_version: Arc<AtomicU64>,
+    /// The ring in force (none in embedded mode): a join completed at a node that no longer
+    /// owns its topic is undone and refused as unavailable, so the client retries at the owner.
+    pub ring: Option<Arc<ArcSwap<Ring>>>,
 }
 
 /// The link from this gateway to one topic server.
@@ -205,6 +210,11 @@ impl UpstreamLink {
 
     pub fn node(&self) -> &Arc<str> {
         &self.node
+    }
+
+    /// Closes the link for good (its node left the ring); its channels are interrupted.
+    pub fn stop(&self) {
+        self.stop.cancel();
     }
 
     pub fn is_connected(&self) -> bool {
@@ -369,6 +379,14 @@ impl UpstreamLink {
         }
     }
 
+    /// Whether this link's node owns `topic` under the ring in force.
+    fn owns(&self, topic: &str) -> bool {
+        self.ctx
+            .ring
+            .as_ref()
+            .is_none_or(|ring| ring.load().owner(topic).id == *self.node)
+    }
+
     fn take_pending(&self, id: u64) -> Option<Pending> {
         self.state.lock().pending.remove(&id)
     }
@@ -422,6 +440,18 @@ impl UpstreamLink {
                         key,
                         replay,
                     }) => {
+                        if !self.owns(&topic) {
+                            // The ring changed while the join was in flight.
+                            self.unsubscribe(&topic, sub);
+                            let join = Pending::Join {
+                                conn,
+                                topic,
+                                sub,
+                                key,
+                                replay,
+                            };
+                            return fail(join, "unavailable");
+                        }
                         let entry = LocalSub {
                             sub,
                             conn: conn.clone(),

@@ -1,11 +1,16 @@
 //! The ringcast ring: which topic server owns which topic.
 //!
 //! Pure data and functions (no IO runtime): parse a versioned ring config, look up
-//! `owner(topic)` on a consistent-hash ring of virtual nodes, and diff two rings.
+//! `owner(topic)` on a consistent-hash ring of virtual nodes, diff two rings, and decide
+//! whether a reloaded ring replaces the current one. With the `watch` feature, `watcher`
+//! keeps a process's ring current from its file.
 
 mod config;
 mod diff;
 mod placement;
+pub mod reload;
+#[cfg(feature = "watch")]
+pub mod watcher;
 
 pub use config::{ConfigError, NodeSpec, RingConfig, parse_nodes_list};
 pub use diff::{NodeShare, RingDiff};

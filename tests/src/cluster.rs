@@ -215,13 +215,17 @@ pub struct Cluster {
     _dir: tempfile::TempDir,
 }
 
-/// Writes a ring config with these `(id, addr)` nodes.
+/// Writes a ring config with these `(id, addr)` nodes (atomically).
 pub fn write_ring(path: &Path, version: u64, nodes: &[(String, SocketAddr)]) {
     let mut text = format!("version = {version}\n");
     for (id, addr) in nodes {
         text.push_str(&format!("\n[[nodes]]\nid = \"{id}\"\naddr = \"{addr}\"\n"));
     }
-    std::fs::write(path, text).expect("write ring config");
+    // Written aside and renamed into place, as editors and config-map mounts do, so that a
+    // watcher never reads half a file.
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text).expect("write ring config");
+    std::fs::rename(&tmp, path).expect("move ring config into place");
 }
 
 impl Cluster {

@@ -8,6 +8,7 @@ use crate::service::{Ownership, ServiceLimits, TopicService};
 use axum::{Json, Router, extract::State, routing::get};
 use futures::StreamExt;
 use ringcast_proto::{DownBatch, TopicServer, TopicServerServer, UpBatch};
+use ringcast_ring::watcher;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -50,9 +51,25 @@ pub async fn run(
     let grpc = TopicServerServer::new(GrpcTopicServer(service.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
+    // The ring file is watched (and re-read on SIGHUP); only newer versions apply.
+    let ring_watch = watcher::spawn(
+        config.ring_source.clone(),
+        config.ring.clone(),
+        shutdown.clone(),
+    );
+    let (mut rings, follower) = (ring_watch.ring.clone(), service.clone());
+    tokio::spawn(async move {
+        while rings.changed().await.is_ok() {
+            let ring = rings.borrow_and_update().clone();
+            follower.ownership().set_ring(ring);
+        }
+    });
     let http = Router::new()
         .route("/status", get(status))
-        .with_state(service.clone());
+        .with_state(StatusState {
+            service: service.clone(),
+            ring_watch,
+        });
     let routes = tonic::service::Routes::from(http).add_service(grpc);
 
     let stopping = shutdown.clone();
@@ -75,6 +92,14 @@ pub async fn run(
     Ok(())
 }
 
-async fn status(State(service): State<TopicService>) -> Json<crate::service::StatusSnapshot> {
-    Json(service.status())
+#[derive(Clone)]
+struct StatusState {
+    service: TopicService,
+    ring_watch: watcher::RingWatch,
+}
+
+async fn status(State(state): State<StatusState>) -> Json<crate::service::StatusSnapshot> {
+    let mut status = state.service.status();
+    status.ring_refused = state.ring_watch.refused();
+    Json(status)
 }

@@ -52,6 +52,22 @@ impl Ownership {
         }
     }
 
+    /// Swaps in a newer ring: from now on, only the topics it places on this node are
+    /// accepted (no-op without a ring).
+    pub fn set_ring(&self, new: Arc<Ring>) {
+        if let Ownership::Ring { node_id, ring } = self {
+            if new.node(node_id).is_none() {
+                tracing::warn!(node = %node_id, version = new.version(), "this node is not in the new ring: it owns no topics");
+            }
+            tracing::info!(
+                from = ring.load().version(),
+                to = new.version(),
+                "topic server on new ring"
+            );
+            ring.store(new);
+        }
+    }
+
     /// The ring version in force (0 when there is no ring).
     pub fn version(&self) -> u64 {
         match self {
@@ -142,6 +158,9 @@ pub struct Stats {
 pub struct StatusSnapshot {
     pub node_id: Option<String>,
     pub ring_version: u64,
+    /// Why the last edit of the ring file was refused, while the file in place is not the
+    /// ring in force.
+    pub ring_refused: Option<String>,
     pub topics: usize,
     pub subscriptions: usize,
     /// Messages held in topic logs, and their bytes (payload + event).
@@ -329,6 +348,7 @@ impl TopicService {
                 Ownership::Ring { node_id, .. } => Some(node_id.clone()),
             },
             ring_version: s.ownership.version(),
+            ring_refused: None,
             topics,
             subscriptions,
             log_messages,

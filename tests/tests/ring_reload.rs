@@ -1,0 +1,183 @@
+//! Editing the ring file while the cluster runs: every process picks up a newer version,
+//! refuses anything else (naming the problem, keeping its ring), survives SIGHUP, and the
+//! gateways route by the new ring.
+
+use ringcast_tests::cluster::{Proc, free_port, write_ring};
+use ringcast_tests::{Cluster, NodeClient, WsClient};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+
+fn nodes(cluster: &Cluster, which: &[usize]) -> Vec<(String, SocketAddr)> {
+    which
+        .iter()
+        .map(|&i| {
+            let ts = &cluster.topic_servers[i];
+            (ts.name.clone(), ts.addr)
+        })
+        .collect()
+}
+
+fn all(cluster: &Cluster) -> impl Iterator<Item = &Proc> {
+    cluster.topic_servers.iter().chain(cluster.gateways.iter())
+}
+
+async fn wait_all(cluster: &Cluster, what: &str, check: impl Fn(&Value) -> bool + Copy) {
+    for p in all(cluster) {
+        p.wait_status(what, check).await;
+    }
+}
+
+#[tokio::test]
+async fn only_a_newer_valid_ring_is_applied() {
+    let cluster = Cluster::start().await;
+    let path = &cluster.ring_path;
+
+    std::fs::write(path, "version = 2\n[[nodes]]\nid = \"ts-a\"\n").unwrap();
+    wait_all(&cluster, "an invalid ring is refused", |s| {
+        s["ring_version"] == 1
+            && s["ring_refused"]
+                .as_str()
+                .is_some_and(|r| r.contains("addr"))
+    })
+    .await;
+
+    write_ring(path, 1, &nodes(&cluster, &[0]));
+    wait_all(&cluster, "an edit without a version bump is refused", |s| {
+        s["ring_version"] == 1
+            && s["ring_refused"]
+                .as_str()
+                .is_some_and(|r| r.contains("raise `version`"))
+    })
+    .await;
+
+    write_ring(path, 2, &nodes(&cluster, &[0, 1]));
+    wait_all(&cluster, "version 2 applied", |s| {
+        s["ring_version"] == 2 && s["ring_refused"].is_null()
+    })
+    .await;
+
+    write_ring(path, 1, &nodes(&cluster, &[1, 0]));
+    wait_all(&cluster, "an older version is refused", |s| {
+        s["ring_version"] == 2
+            && s["ring_refused"]
+                .as_str()
+                .is_some_and(|r| r.contains("older than version 2"))
+    })
+    .await;
+
+    // SIGHUP re-reads the file; it never stops a process.
+    write_ring(path, 3, &nodes(&cluster, &[0, 1]));
+    for p in all(&cluster) {
+        p.signal("HUP");
+    }
+    wait_all(&cluster, "version 3 applied, still running", |s| {
+        s["ring_version"] == 3
+    })
+    .await;
+    let mut c = WsClient::connect(&cluster.ws_url(0)).await;
+    c.join_ok("room:after-reload", "1").await;
+}
+
+#[tokio::test]
+async fn a_dead_topic_server_removed_from_the_ring_hands_its_topics_to_the_rest() {
+    let mut cluster = Cluster::start().await;
+    let ta = cluster.topic_on(0, "room:dead");
+    let mut c = WsClient::connect(&cluster.ws_url(0)).await;
+    let mut js = NodeClient::connect(&cluster.socket_url(1)).await;
+    c.join_ok(&ta, "1").await;
+    assert_eq!(js.join_recovering(&ta, json!({})).await["ev"], "join_ok");
+
+    cluster.topic_servers[0].kill();
+    let error = c.recv_json().await;
+    assert_eq!(error[3], "phx_error", "{error}");
+    assert_eq!(js.expect("channel_error").await["topic"], ta.as_str());
+
+    // The operator removes the dead node: its topics now belong to ts-b.
+    write_ring(&cluster.ring_path, 2, &nodes(&cluster, &[1]));
+    for gw in &cluster.gateways {
+        gw.wait_status("on ring 2 with one link", |s| {
+            s["ring_version"] == 2 && s["links"].as_array().is_some_and(|l| l.len() == 1)
+        })
+        .await;
+    }
+    cluster.topic_servers[1]
+        .wait_status("on ring 2", |s| s["ring_version"] == 2)
+        .await;
+    let reply = c.join(&ta, "2", json!({})).await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    // phoenix.js keeps retrying its join by itself and lands on the new owner.
+    let rejoined = js.next_event_skipping(&["join_error"]).await;
+    assert_eq!(rejoined["ev"], "join_ok", "{rejoined}");
+    assert_eq!(rejoined["response"]["recovered"], false, "{rejoined}");
+    cluster.topic_servers[1]
+        .wait_status("ts-b serves the dead node's topic", |s| {
+            s["subscriptions"] == 2
+        })
+        .await;
+    c.publish("2", &ta, "m", json!("served by ts-b")).await;
+    assert_eq!(js.expect("message").await["payload"], "served by ts-b");
+}
+
+#[tokio::test]
+async fn a_topic_that_changes_owner_is_interrupted_and_rejoins_at_the_new_owner() {
+    let cluster = Cluster::start().await;
+    // A third topic server, started with the ring that will include it.
+    let dir = tempfile::tempdir().unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut three = nodes(&cluster, &[0, 1]);
+    three.push(("ts-c".into(), addr));
+    let next = dir.path().join("ring.toml");
+    write_ring(&next, 2, &three);
+    let ts_c = Proc::spawn(
+        "ts-c",
+        "topic-server",
+        addr,
+        &[
+            ("TOPIC_SERVER_LISTEN", addr.to_string()),
+            ("TOPIC_SERVER_ID", "ts-c".into()),
+            ("RING_CONFIG", next.display().to_string()),
+        ],
+    );
+    ts_c.wait_status("up", |_| true).await;
+    let new_ring =
+        ringcast_ring::Ring::from_toml(&std::fs::read_to_string(&next).unwrap()).unwrap();
+    let moving = (0..)
+        .map(|n| format!("room:move{n}"))
+        .find(|t| new_ring.owner(t).id == "ts-c")
+        .unwrap();
+    let staying = (0..)
+        .map(|n| format!("room:stay{n}"))
+        .find(|t| new_ring.owner(t).id != "ts-c")
+        .unwrap();
+
+    let mut c = WsClient::connect(&cluster.ws_url(0)).await;
+    let epoch = c.join_ok(&moving, "1").await["epoch"].clone();
+    c.join_ok(&staying, "2").await;
+    write_ring(&cluster.ring_path, 2, &three);
+
+    let error = c.recv_json().await;
+    assert_eq!(
+        error,
+        json!(["1", "1", moving, "phx_error", {"reason": "topic moved"}])
+    );
+    cluster.wait_links(0).await; // the link to the new node is up
+    let reply = c
+        .join(
+            &moving,
+            "3",
+            json!({"recover": {"epoch": epoch, "offset": 0}}),
+        )
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    assert_eq!(
+        reply["response"]["recovered"], false,
+        "the new owner has no history of the topic: the client is told"
+    );
+    ts_c.wait_status("the new owner serves the moved topic", |s| {
+        s["subscriptions"] == 1
+    })
+    .await;
+    // The topic that stayed is untouched.
+    c.publish("2", &staying, "m", json!("stayed")).await;
+    assert_eq!(c.recv_json().await[4], "stayed");
+}
