@@ -11,8 +11,9 @@ pub mod v1 {
 }
 
 pub use v1::{
-    Ack, Delivery, Down, DownBatch, Hello, Position, Publish, Rejected, Replay, Subscribe,
-    Unsubscribe, Up, UpBatch, WrongOwner, down,
+    Ack, Delivery, Down, DownBatch, Hello, LogEntry, Move, Moved, Position, Publish, Rejected,
+    Replay, Subscribe, TakeReply, TakeRequest, Unsubscribe, Up, UpBatch, WrongOwner, down,
+    take_reply,
     topic_server_client::TopicServerClient,
     topic_server_server::{TopicServer, TopicServerServer},
     up,
@@ -70,6 +71,15 @@ impl Down {
         }
     }
 
+    pub fn moved(topic: String, ring_version: u64) -> Down {
+        Down {
+            kind: Some(down::Kind::Moved(Moved {
+                topic,
+                ring_version,
+            })),
+        }
+    }
+
     pub fn delivery(delivery: Delivery) -> Down {
         Down {
             kind: Some(down::Kind::Delivery(delivery)),
@@ -99,6 +109,17 @@ impl Up {
                 topic,
                 subscriber,
                 recover,
+            })),
+        }
+    }
+
+    pub fn move_here(request_id: u64, topic: String, subscribers: Vec<u64>, from: Position) -> Up {
+        Up {
+            kind: Some(up::Kind::Move(Move {
+                request_id,
+                topic,
+                subscribers,
+                from: Some(from),
             })),
         }
     }

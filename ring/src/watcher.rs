@@ -55,7 +55,9 @@ async fn run(
         RingSource::File(path) => watch_dir(path, events_tx),
         RingSource::List(_) => None,
     };
-    let mut last_read = read(&source);
+    // Nothing compared yet: the first check applies an edit made since the process read
+    // its ring at start.
+    let mut last_read: Result<Vec<u8>, String> = Err(String::new());
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -80,9 +82,19 @@ async fn run(
         if now == last_read && !forced {
             continue;
         }
+        // Decide on the very bytes compared (a second read could see another write).
+        let candidate = match &now {
+            Ok(bytes) => String::from_utf8(bytes.clone())
+                .map_err(|_| format!("RING_CONFIG {}: not UTF-8 text", path.display()))
+                .and_then(|text| {
+                    Ring::from_toml(&text)
+                        .map_err(|e| format!("RING_CONFIG {}: {e}", path.display()))
+                }),
+            Err(e) => Err(format!("RING_CONFIG {}: cannot read: {e}", path.display())),
+        };
         last_read = now;
         let current = tx.borrow().clone();
-        match decide(&current, source.load()) {
+        match decide(&current, candidate) {
             Reload::Apply(ring) => {
                 tracing::info!(path = %path.display(), from = current.version(), to = ring.version(), nodes = ring.nodes().len(), "ring reloaded");
                 set(&refused, None);

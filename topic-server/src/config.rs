@@ -74,8 +74,9 @@ struct Cli {
     /// Seconds between HTTP/2 keepalive pings to gateways (also the ping timeout).
     #[arg(long, env = "TOPIC_SERVER_KEEPALIVE_SECS", value_name = "TOPIC_SERVER_KEEPALIVE_SECS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
     keepalive_secs: u64,
-    /// Messages kept per topic for recovery after a reconnect (0: none).
-    #[arg(long, env = "TOPIC_SERVER_LOG_MESSAGES", value_name = "TOPIC_SERVER_LOG_MESSAGES", default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    /// Messages kept per topic for recovery after a reconnect (0: none; at most 10000, so that
+    /// a replay fits a gateway stream's queue).
+    #[arg(long, env = "TOPIC_SERVER_LOG_MESSAGES", value_name = "TOPIC_SERVER_LOG_MESSAGES", default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     log_messages: u32,
     /// Seconds a message stays in its topic's log.
     #[arg(long, env = "TOPIC_SERVER_LOG_SECONDS", value_name = "TOPIC_SERVER_LOG_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]

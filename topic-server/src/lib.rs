@@ -6,6 +6,8 @@
 
 pub mod config;
 pub mod log;
+pub mod ownership;
+mod peers;
 pub mod process;
 pub mod registry;
 pub mod server;

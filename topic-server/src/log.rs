@@ -139,6 +139,53 @@ impl TopicLog {
         )
     }
 
+    /// The messages with their ages, oldest first: what a handoff carries.
+    pub fn snapshot(&self, now: Instant) -> Vec<(Duration, Message)> {
+        self.entries
+            .iter()
+            .map(|(at, m)| (now.saturating_duration_since(*at), m.clone()))
+            .collect()
+    }
+
+    /// A log rebuilt from a handoff, for a topic whose last offset is `last`. Only the run of
+    /// consecutive offsets that ends at `last` is kept (the rest could not be replayed
+    /// without a hole), within `limits`. Also returns what the log holds, for the totals.
+    pub fn restore(
+        entries: Vec<(Duration, Message)>,
+        last: u64,
+        now: Instant,
+        limits: &LogLimits,
+    ) -> (TopicLog, Dropped) {
+        let mut run: Vec<(Duration, Message)> = Vec::new();
+        for (age, m) in entries {
+            if run
+                .last()
+                .is_some_and(|(_, prev)| prev.offset + 1 != m.offset)
+            {
+                run.clear();
+            }
+            run.push((age, m));
+        }
+        if run.last().is_none_or(|(_, m)| m.offset != last) {
+            run.clear();
+        }
+        let mut log = TopicLog::default();
+        for (age, m) in run {
+            let at = now.checked_sub(age).unwrap_or(now);
+            log.bytes += m.size();
+            log.entries.push_back((at, m));
+        }
+        while log.entries.len() > limits.messages || log.bytes > limits.bytes {
+            log.pop_front();
+        }
+        log.expire(now, limits);
+        let held = Dropped {
+            messages: log.entries.len(),
+            bytes: log.bytes,
+        };
+        (log, held)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -250,6 +297,37 @@ mod tests {
         assert!(log.is_empty());
         assert_eq!(offsets(log.since(1, 1)), Some(vec![]));
         assert_eq!(offsets(log.since(0, 1)), None);
+    }
+
+    #[test]
+    fn restore_keeps_the_consecutive_run_ending_at_the_topic_offset() {
+        let (now, l) = (Instant::now(), limits(100, 1 << 20, 60));
+        let aged = |offsets: &[u64]| -> Vec<(Duration, Message)> {
+            offsets
+                .iter()
+                .map(|o| (Duration::from_secs(1), msg(*o, "x")))
+                .collect()
+        };
+        let (log, held) = TopicLog::restore(aged(&[3, 4, 6, 7, 8]), 8, now, &l);
+        assert_eq!(offsets(log.since(5, 8)), Some(vec![6, 7, 8]));
+        assert_eq!(
+            held,
+            Dropped {
+                messages: 3,
+                bytes: 6
+            }
+        );
+        let (log, _) = TopicLog::restore(aged(&[3, 4]), 9, now, &l);
+        assert!(
+            log.is_empty(),
+            "a log that does not reach the topic's offset is useless"
+        );
+        let old = vec![
+            (Duration::from_secs(61), msg(1, "x")),
+            (Duration::ZERO, msg(2, "y")),
+        ];
+        let (log, _) = TopicLog::restore(old, 2, now, &l);
+        assert_eq!(offsets(log.since(1, 2)), Some(vec![2]), "ages carry over");
     }
 
     proptest! {

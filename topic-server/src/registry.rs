@@ -8,7 +8,7 @@
 use crate::log::{Dropped, LogLimits, Message, TopicLog};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A gateway-local subscriber id, chosen by the gateway.
 pub type SubscriberId = u64;
@@ -86,10 +86,32 @@ pub struct Subscribed {
     pub replay: Option<Vec<Message>>,
 }
 
+/// A topic this node handed over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    /// The ring version the new owner had.
+    pub version: u64,
+    /// The new owner's address.
+    pub to: Option<String>,
+}
+
+/// What a topic's old owner hands to the new one.
+#[derive(Debug)]
+pub struct Handoff<G> {
+    pub epoch: u64,
+    pub offset: u64,
+    pub log: Vec<(Duration, Message)>,
+    /// The gateways that had subscribers here (to be told the topic moved).
+    pub gateways: Vec<G>,
+}
+
 /// The topics of one shard. `G` identifies a gateway's stream (cheap to clone and compare).
 #[derive(Debug)]
 pub struct TopicRegistry<G> {
     topics: HashMap<String, Topic<G>>,
+    /// Topics handed over, and to whom: refused while this node's ring is older than the
+    /// one they moved under, and a lead to follow if the ring gives one back here.
+    moved: HashMap<String, Moved>,
     epochs: EpochSource,
     limits: LogLimits,
     subscriptions: usize,
@@ -100,6 +122,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     pub fn new(epochs: EpochSource, limits: LogLimits) -> Self {
         TopicRegistry {
             topics: HashMap::new(),
+            moved: HashMap::new(),
             epochs,
             limits,
             subscriptions: 0,
@@ -247,6 +270,72 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     fn forget(&mut self, dropped: Dropped) {
         self.logged.messages -= dropped.messages;
         self.logged.bytes -= dropped.bytes;
+    }
+
+    /// Removes `topic` for a handoff: its position, log and the gateways subscribed to it.
+    pub fn take(&mut self, topic: &str, now: Instant) -> Option<Handoff<G>> {
+        let state = self.topics.remove(topic)?;
+        let subscribers: usize = state.gateways.iter().map(|(_, s)| s.len()).sum();
+        self.subscriptions -= subscribers;
+        self.forget(Dropped {
+            messages: state.log.len(),
+            bytes: state.log.bytes(),
+        });
+        Some(Handoff {
+            epoch: state.epoch,
+            offset: state.offset,
+            log: state.log.snapshot(now),
+            gateways: state.gateways.into_iter().map(|(g, _)| g).collect(),
+        })
+    }
+
+    /// Takes over a topic handed off by its previous owner: the numbering continues in the
+    /// same epoch. Refused (false) if the topic already exists here.
+    pub fn install(
+        &mut self,
+        topic: &str,
+        epoch: u64,
+        offset: u64,
+        log: Vec<(Duration, Message)>,
+        now: Instant,
+    ) -> bool {
+        if self.topics.contains_key(topic) {
+            return false;
+        }
+        let (log, held) = TopicLog::restore(log, offset, now, &self.limits);
+        self.logged.messages += held.messages;
+        self.logged.bytes += held.bytes;
+        let topic_state = Topic {
+            epoch,
+            offset,
+            gateways: Vec::new(),
+            log,
+        };
+        self.topics.insert(topic.to_owned(), topic_state);
+        true
+    }
+
+    pub fn topic_names(&self) -> impl Iterator<Item = &str> {
+        self.topics.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, topic: &str) -> bool {
+        self.topics.contains_key(topic)
+    }
+
+    /// Remembers that `topic` went to its owner under ring `version`, at address `to`.
+    pub fn mark_moved(&mut self, topic: &str, version: u64, to: Option<String>) {
+        self.moved.insert(topic.to_owned(), Moved { version, to });
+    }
+
+    /// Where and under which ring `topic` was handed over, if it was.
+    pub fn moved(&self, topic: &str) -> Option<&Moved> {
+        self.moved.get(topic)
+    }
+
+    /// Forgets a handover (the topic came back, or is known to be nowhere).
+    pub fn clear_moved(&mut self, topic: &str) {
+        self.moved.remove(topic);
     }
 
     /// The current position of a topic, if it exists.
@@ -463,5 +552,45 @@ mod tests {
         sub(&mut r, "t", "gw", 1);
         sub(&mut r, "t", "gw", 1);
         assert_eq!(r.subscription_count(), 1);
+    }
+
+    #[test]
+    fn a_handoff_continues_the_numbering_in_the_same_epoch() {
+        let mut old = registry();
+        let start = sub(&mut old, "t", "gw", 1);
+        for _ in 0..3 {
+            publish(&mut old, "t");
+        }
+        let now = Instant::now();
+        let handed = old.take("t", now).unwrap();
+        assert_eq!(
+            (handed.offset, handed.log.len(), handed.gateways),
+            (3, 3, vec!["gw"])
+        );
+        assert_eq!(
+            (old.topic_count(), old.subscription_count(), old.logged()),
+            (0, 0, (0, 0))
+        );
+
+        let mut new = TopicRegistry::<&str>::new(EpochSource::new(99), LogLimits::default());
+        assert!(new.install("t", handed.epoch, handed.offset, handed.log, now));
+        let from = Some(Position {
+            epoch: start.epoch,
+            offset: 1,
+        });
+        let s = new.subscribe("t", &"gw", 1, from, now);
+        let replayed: Vec<u64> = s.replay.unwrap().iter().map(|m| m.offset).collect();
+        assert_eq!(replayed, [2, 3]);
+        assert_eq!(
+            publish(&mut new, "t").0,
+            Position {
+                epoch: start.epoch,
+                offset: 4
+            }
+        );
+        assert!(
+            !new.install("t", 1, 1, Vec::new(), now),
+            "never over an existing topic"
+        );
     }
 }

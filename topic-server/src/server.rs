@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::service::{Ownership, ServiceLimits, TopicService};
 use axum::{Json, Router, extract::State, routing::get};
 use futures::StreamExt;
-use ringcast_proto::{DownBatch, TopicServer, TopicServerServer, UpBatch};
+use ringcast_proto::{DownBatch, TakeReply, TakeRequest, TopicServer, TopicServerServer, UpBatch};
 use ringcast_ring::watcher;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -29,6 +29,10 @@ impl TopicServer for GrpcTopicServer {
         Ok(Response::new(
             self.0.open_link(request.into_inner()).boxed(),
         ))
+    }
+
+    async fn take(&self, request: Request<TakeRequest>) -> Result<Response<TakeReply>, Status> {
+        Ok(Response::new(self.0.take(request.into_inner())))
     }
 }
 
@@ -61,7 +65,7 @@ pub async fn run(
     tokio::spawn(async move {
         while rings.changed().await.is_ok() {
             let ring = rings.borrow_and_update().clone();
-            follower.ownership().set_ring(ring);
+            follower.set_ring(ring);
         }
     });
     let http = Router::new()

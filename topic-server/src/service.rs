@@ -3,14 +3,24 @@
 //! Each gateway stream is a [`Link`]: a reader task applies its requests to the sharded
 //! [`TopicRegistry`], and everything sent back to that gateway (acks, deliveries) goes
 //! through the link's bounded queue, which the outbound stream drains into batches.
+//!
+//! When the ring gives this node a topic that lived elsewhere, the first request for it is
+//! parked while the topic is fetched from its previous owner (`Take`: epoch, offset, log),
+//! so the numbering continues; requests that arrive meanwhile queue behind it, in order.
 
-use crate::log::LogLimits;
+use crate::log::{LogLimits, Message};
+pub use crate::ownership::Ownership;
+use crate::peers::Peers;
 use crate::registry::{EpochSource, Position, TopicRegistry};
-use arc_swap::ArcSwap;
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
-use ringcast_proto::{Delivery, Down, DownBatch, Up, UpBatch, up};
-use ringcast_ring::Ring;
+use ringcast_proto::take_reply::Outcome;
+use ringcast_proto::{
+    Delivery, Down, DownBatch, LogEntry, Move, Publish, Subscribe, TakeReply, TakeRequest, Up,
+    UpBatch, up,
+};
+use ringcast_ring::{NodeSpec, Ring};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -24,58 +34,6 @@ use tonic::Status;
 /// Most stream messages drained into one outbound batch.
 const MAX_BATCH: usize = 1024;
 const SHARDS: usize = 64;
-
-/// Which topics this server owns.
-#[derive(Debug)]
-pub enum Ownership {
-    /// Every topic: a single-node setup (the gateway's embedded core).
-    All,
-    /// The topics the ring places on `node_id`.
-    Ring {
-        node_id: String,
-        ring: ArcSwap<Ring>,
-    },
-}
-
-impl Ownership {
-    pub fn ring(node_id: String, ring: Ring) -> Self {
-        Ownership::Ring {
-            node_id,
-            ring: ArcSwap::from_pointee(ring),
-        }
-    }
-
-    fn owns(&self, topic: &str) -> bool {
-        match self {
-            Ownership::All => true,
-            Ownership::Ring { node_id, ring } => ring.load().owner(topic).id == *node_id,
-        }
-    }
-
-    /// Swaps in a newer ring: from now on, only the topics it places on this node are
-    /// accepted (no-op without a ring).
-    pub fn set_ring(&self, new: Arc<Ring>) {
-        if let Ownership::Ring { node_id, ring } = self {
-            if new.node(node_id).is_none() {
-                tracing::warn!(node = %node_id, version = new.version(), "this node is not in the new ring: it owns no topics");
-            }
-            tracing::info!(
-                from = ring.load().version(),
-                to = new.version(),
-                "topic server on new ring"
-            );
-            ring.store(new);
-        }
-    }
-
-    /// The ring version in force (0 when there is no ring).
-    pub fn version(&self) -> u64 {
-        match self {
-            Ownership::All => 0,
-            Ownership::Ring { ring, .. } => ring.load().version(),
-        }
-    }
-}
 
 /// How often topic logs are checked for messages past their age limit.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
@@ -147,6 +105,13 @@ pub struct Stats {
     /// Subscriptions dropped because their gateway's stream ended.
     pub subscriptions_dropped: AtomicU64,
     pub wrong_owner: AtomicU64,
+    /// Topics fetched from their previous owner, and handed to a new one.
+    pub handoffs_in: AtomicU64,
+    pub handoffs_out: AtomicU64,
+    /// Topics moved here whose previous owner had nothing (or could not be reached).
+    pub handoffs_empty: AtomicU64,
+    /// Gateway moves of subscribers to this node.
+    pub moves: AtomicU64,
     /// Subscriptions made with a recovery position: served from the log, or refused.
     pub recoveries: AtomicU64,
     pub recoveries_refused: AtomicU64,
@@ -158,6 +123,8 @@ pub struct Stats {
 pub struct StatusSnapshot {
     pub node_id: Option<String>,
     pub ring_version: u64,
+    /// Topics held here that this node owns under its ring.
+    pub owned_topics: usize,
     /// Why the last edit of the ring file was refused, while the file in place is not the
     /// ring in force.
     pub ring_refused: Option<String>,
@@ -178,10 +145,49 @@ pub struct StatusSnapshot {
     pub recoveries: u64,
     pub recoveries_refused: u64,
     pub replayed: u64,
+    pub handoffs_in: u64,
+    pub handoffs_out: u64,
+    pub handoffs_empty: u64,
+    pub moves: u64,
+}
+
+/// A request for one topic, as it may wait while the topic is fetched.
+#[derive(Debug)]
+enum TopicRequest {
+    Subscribe(Subscribe),
+    Publish(Publish),
+    Move(Move),
+}
+
+impl TopicRequest {
+    fn topic(&self) -> &str {
+        match self {
+            TopicRequest::Subscribe(r) => &r.topic,
+            TopicRequest::Publish(r) => &r.topic,
+            TopicRequest::Move(r) => &r.topic,
+        }
+    }
+
+    fn request_id(&self) -> u64 {
+        match self {
+            TopicRequest::Subscribe(r) => r.request_id,
+            TopicRequest::Publish(r) => r.request_id,
+            TopicRequest::Move(r) => r.request_id,
+        }
+    }
+}
+
+/// One shard: its topics, and the requests waiting for topics being fetched.
+struct Shard {
+    registry: TopicRegistry<LinkRef>,
+    parked: HashMap<String, Vec<(LinkRef, TopicRequest)>>,
 }
 
 struct Shared {
-    shards: Box<[Mutex<TopicRegistry<LinkRef>>]>,
+    shards: Box<[Mutex<Shard>]>,
+    peers: Peers,
+    /// The newest ring version a gateway has mentioned (to say so once per version).
+    newest_seen: AtomicU64,
     hasher: RandomState,
     ownership: Ownership,
     limits: ServiceLimits,
@@ -212,15 +218,20 @@ impl TopicService {
         let seed = rand::random::<u64>();
         let shards = (0..SHARDS)
             .map(|i| {
-                Mutex::new(TopicRegistry::new(
-                    EpochSource::new(seed ^ ((i as u64) << 56)),
-                    limits.log,
-                ))
+                Mutex::new(Shard {
+                    registry: TopicRegistry::new(
+                        EpochSource::new(seed ^ ((i as u64) << 56)),
+                        limits.log,
+                    ),
+                    parked: HashMap::new(),
+                })
             })
             .collect();
         let service = TopicService {
             shared: Arc::new(Shared {
                 shards,
+                peers: Peers::default(),
+                newest_seen: AtomicU64::new(0),
                 hasher: RandomState::new(),
                 ownership,
                 limits,
@@ -311,6 +322,67 @@ impl TopicService {
         })
     }
 
+    /// Swaps in a newer ring; handoffs it accounts for are forgotten.
+    pub fn set_ring(&self, ring: Arc<Ring>) {
+        let version = ring.version();
+        if self.shared.ownership.set_ring(ring) {
+            tracing::info!(version, "topic server on new ring");
+        }
+    }
+
+    /// Hands `topic` to the node that owns it under ring `ring_version` (a `Take` from a
+    /// peer): its epoch, offset and log; its gateways here are told it moved.
+    pub fn take(&self, request: TakeRequest) -> TakeReply {
+        let s = &self.shared;
+        s.heard_of(request.ring_version);
+        let (ours, topic) = (s.ownership.version(), request.topic.as_str());
+        let mut shard = s.shard(topic).lock();
+        let reply = |outcome: Outcome| TakeReply {
+            outcome: outcome as i32,
+            ring_version: ours,
+            ..Default::default()
+        };
+        if s.ownership.owns(topic) && ours >= request.ring_version {
+            return reply(Outcome::Owned);
+        }
+        if shard.parked.contains_key(topic) {
+            return reply(Outcome::Busy);
+        }
+        let handoff = shard.registry.take(topic, Instant::now());
+        if handoff.is_some() || ours < request.ring_version {
+            // Refused here until this node reads that ring; a lead if a ring gives it back.
+            let to = (!request.addr.is_empty()).then(|| request.addr.clone());
+            shard.registry.mark_moved(topic, request.ring_version, to);
+        }
+        let Some(handoff) = handoff else {
+            return reply(Outcome::Absent);
+        };
+        s.stats.handoffs_out.fetch_add(1, Relaxed);
+        tracing::debug!(%topic, to = %request.node_id, offset = handoff.offset, "topic handed over");
+        for gateway in &handoff.gateways {
+            s.send(
+                &gateway.0,
+                Down::moved(topic.to_owned(), request.ring_version),
+            );
+        }
+        TakeReply {
+            outcome: Outcome::Found as i32,
+            ring_version: ours,
+            epoch: handoff.epoch,
+            offset: handoff.offset,
+            log: handoff
+                .log
+                .into_iter()
+                .map(|(age, m)| LogEntry {
+                    offset: m.offset,
+                    event: m.event,
+                    payload: m.payload,
+                    age_ms: age.as_millis() as u64,
+                })
+                .collect(),
+        }
+    }
+
     /// Closes every link (shutdown) and waits for their tasks.
     pub async fn close_all(&self) {
         for link in self.shared.links.lock().iter() {
@@ -323,9 +395,11 @@ impl TopicService {
     pub fn status(&self) -> StatusSnapshot {
         let s = &self.shared;
         let (mut topics, mut subscriptions, mut log_messages, mut log_bytes) = (0, 0, 0, 0);
+        let mut owned_topics = 0;
         for shard in s.shards.iter() {
-            let shard = shard.lock();
+            let shard = &shard.lock().registry;
             topics += shard.topic_count();
+            owned_topics += s.ownership.count_owned(shard.topic_names());
             subscriptions += shard.subscription_count();
             let (messages, bytes) = shard.logged();
             log_messages += messages;
@@ -343,11 +417,9 @@ impl TopicService {
             })
             .collect();
         StatusSnapshot {
-            node_id: match &s.ownership {
-                Ownership::All => None,
-                Ownership::Ring { node_id, .. } => Some(node_id.clone()),
-            },
+            node_id: s.ownership.node_id().map(str::to_owned),
             ring_version: s.ownership.version(),
+            owned_topics,
             ring_refused: None,
             topics,
             subscriptions,
@@ -365,6 +437,10 @@ impl TopicService {
             recoveries: s.stats.recoveries.load(Relaxed),
             recoveries_refused: s.stats.recoveries_refused.load(Relaxed),
             replayed: s.stats.replayed.load(Relaxed),
+            handoffs_in: s.stats.handoffs_in.load(Relaxed),
+            handoffs_out: s.stats.handoffs_out.load(Relaxed),
+            handoffs_empty: s.stats.handoffs_empty.load(Relaxed),
+            moves: s.stats.moves.load(Relaxed),
         }
     }
 }
@@ -388,6 +464,7 @@ impl Shared {
                 _ = link.0.closed.cancelled() => break,
                 item = inbound.next() => match item {
                     Some(Ok(batch)) => {
+                        self.heard_of(batch.ring_version);
                         for up in batch.items {
                             self.handle(&link, up);
                         }
@@ -403,7 +480,7 @@ impl Shared {
         link.0.closed.cancel();
         let mut dropped = 0;
         for shard in self.shards.iter() {
-            dropped += shard.lock().drop_gateway(&link);
+            dropped += shard.lock().registry.drop_gateway(&link);
         }
         self.links.lock().retain(|l| l.id != link.0.id);
         self.stats.links_open.fetch_sub(1, Relaxed);
@@ -416,11 +493,11 @@ impl Shared {
     /// Drops log messages past their age, and topics left with nothing.
     fn expire(&self, now: Instant) {
         for shard in self.shards.iter() {
-            shard.lock().expire(now);
+            shard.lock().registry.expire(now);
         }
     }
 
-    fn shard(&self, topic: &str) -> &Mutex<TopicRegistry<LinkRef>> {
+    fn shard(&self, topic: &str) -> &Mutex<Shard> {
         &self.shards[(self.hasher.hash_one(topic) as usize) % self.shards.len()]
     }
 
@@ -437,69 +514,116 @@ impl Shared {
         }
     }
 
-    fn handle(&self, link: &LinkRef, up: Up) {
+    fn handle(self: &Arc<Self>, link: &LinkRef, up: Up) {
         let Some(kind) = up.kind else { return };
-        match kind {
+        let request = match kind {
             up::Kind::Hello(hello) => {
                 tracing::info!(link = link.0.id, gateway = %hello.gateway_id, ring_version = hello.ring_version, "gateway attached");
                 let _ = link.0.gateway_id.set(hello.gateway_id);
-            }
-            up::Kind::Subscribe(sub) => {
-                if !self.ownership.owns(&sub.topic) {
-                    return self.wrong_owner(link, sub.request_id, sub.topic);
-                }
-                let recover = sub.recover.map(|p| Position {
-                    epoch: p.epoch,
-                    offset: p.offset,
-                });
-                let mut shard = self.shard(&sub.topic).lock();
-                let subscribed =
-                    shard.subscribe(&sub.topic, link, sub.subscriber, recover, Instant::now());
-                let Position { epoch, offset } = subscribed.position;
-                // Sent under the shard lock: replay and ack are ordered with the topic's
-                // deliveries, so the subscriber's messages continue with no gap.
-                let ack = match (recover, subscribed.replay) {
-                    (Some(_), Some(replay)) => {
-                        self.stats.recoveries.fetch_add(1, Relaxed);
-                        self.stats.replayed.fetch_add(replay.len() as u64, Relaxed);
-                        for m in replay {
-                            self.send(
-                                &link.0,
-                                Down::replay(sub.request_id, m.event, m.payload, m.offset),
-                            );
-                        }
-                        Down::recovered_ack(sub.request_id, epoch, offset)
-                    }
-                    (Some(_), None) => {
-                        self.stats.recoveries.fetch_add(1, Relaxed);
-                        self.stats.recoveries_refused.fetch_add(1, Relaxed);
-                        Down::ack(sub.request_id, epoch, offset)
-                    }
-                    (None, _) => Down::ack(sub.request_id, epoch, offset),
-                };
-                self.send(&link.0, ack);
+                return self.heard_of(hello.ring_version);
             }
             up::Kind::Unsubscribe(unsub) => {
                 let mut shard = self.shard(&unsub.topic).lock();
+                let shard = &mut shard.registry;
                 shard.unsubscribe(&unsub.topic, link, unsub.subscriber);
                 let Position { epoch, offset } = shard.position(&unsub.topic).unwrap_or(Position {
                     epoch: 0,
                     offset: 0,
                 });
-                self.send(&link.0, Down::ack(unsub.request_id, epoch, offset));
+                return self.send(&link.0, Down::ack(unsub.request_id, epoch, offset));
             }
-            up::Kind::Publish(publish) => {
-                if !self.ownership.owns(&publish.topic) {
-                    return self.wrong_owner(link, publish.request_id, publish.topic);
+            up::Kind::Subscribe(r) => TopicRequest::Subscribe(r),
+            up::Kind::Publish(r) => TopicRequest::Publish(r),
+            up::Kind::Move(r) => TopicRequest::Move(r),
+        };
+        if !self.ownership.owns(request.topic()) {
+            let version = self.ownership.version();
+            return self.wrong_owner(link, request, version);
+        }
+        let mut shard = self.shard(request.topic()).lock();
+        if let Some(queue) = shard.parked.get_mut(request.topic()) {
+            return queue.push((link.clone(), request));
+        }
+        let ours = self.ownership.version();
+        let moved = shard.registry.moved(request.topic()).cloned();
+        if let Some(moved) = moved.as_ref().filter(|m| m.version > ours) {
+            // Handed to its owner under a newer ring this node has not read yet.
+            return self.wrong_owner(link, request, moved.version);
+        }
+        if !shard.registry.contains(request.topic()) {
+            // Where it may be now: where this node handed it, its owners under the previous
+            // rings, and then anyone else in the ring.
+            let mut previous: Vec<NodeSpec> = moved
+                .and_then(|m| m.to)
+                .map(|addr| NodeSpec {
+                    id: format!("node at {addr}"),
+                    addr,
+                    weight: 1,
+                })
+                .into_iter()
+                .collect();
+            previous.extend(self.ownership.previous_owners(request.topic()));
+            if !previous.is_empty() {
+                let others = self.ownership.others(&previous);
+                previous.extend(others);
+            }
+            if !previous.is_empty() {
+                // It may live at a previous owner: fetch it first, then serve in order.
+                let topic = request.topic().to_owned();
+                shard
+                    .parked
+                    .insert(topic.clone(), vec![(link.clone(), request)]);
+                self.tasks.spawn(self.clone().fetch(topic, previous));
+                return;
+            }
+        }
+        self.serve(&mut shard, link, request);
+    }
+
+    /// Serves a request for a topic this node owns and holds (or may create).
+    fn serve(&self, shard: &mut Shard, link: &LinkRef, request: TopicRequest) {
+        if let Some(moved) = shard.registry.moved(request.topic())
+            && moved.version > self.ownership.version()
+        {
+            // Handed to its owner under a newer ring this node has not read yet.
+            let version = moved.version;
+            return self.wrong_owner(link, request, version);
+        }
+        let shard = &mut shard.registry;
+        let now = Instant::now();
+        match request {
+            TopicRequest::Subscribe(sub) => {
+                let recover = sub.recover.map(|p| Position {
+                    epoch: p.epoch,
+                    offset: p.offset,
+                });
+                let subscribed = shard.subscribe(&sub.topic, link, sub.subscriber, recover, now);
+                // Sent under the shard lock: replay and ack are ordered with the topic's
+                // deliveries, so the subscriber's messages continue with no gap.
+                self.answer_subscribe(link, sub.request_id, recover, subscribed);
+            }
+            TopicRequest::Move(mv) => {
+                self.stats.moves.fetch_add(1, Relaxed);
+                let from = mv.from.map(|p| Position {
+                    epoch: p.epoch,
+                    offset: p.offset,
+                });
+                let mut subscribed = None;
+                for (i, subscriber) in mv.subscribers.iter().enumerate() {
+                    let recover = if i == 0 { from } else { None };
+                    let s = shard.subscribe(&mv.topic, link, *subscriber, recover, now);
+                    subscribed.get_or_insert(s);
                 }
+                if let Some(subscribed) = subscribed {
+                    self.answer_subscribe(link, mv.request_id, from, subscribed);
+                } else {
+                    self.send(&link.0, Down::ack(mv.request_id, 0, 0));
+                }
+            }
+            TopicRequest::Publish(publish) => {
                 self.stats.publishes.fetch_add(1, Relaxed);
-                let mut shard = self.shard(&publish.topic).lock();
-                let published = shard.publish(
-                    &publish.topic,
-                    &publish.event,
-                    &publish.payload,
-                    Instant::now(),
-                );
+                let published =
+                    shard.publish(&publish.topic, &publish.event, &publish.payload, now);
                 let Position { epoch, offset } = published.position;
                 // The publisher's ack goes first, so its reply precedes its own delivery.
                 self.send(&link.0, Down::ack(publish.request_id, epoch, offset));
@@ -520,11 +644,130 @@ impl Shared {
         }
     }
 
-    fn wrong_owner(&self, link: &LinkRef, request_id: u64, topic: String) {
+    /// Replay (when recovering and the log has it all), then the ack.
+    fn answer_subscribe(
+        &self,
+        link: &LinkRef,
+        request_id: u64,
+        recover: Option<Position>,
+        subscribed: crate::registry::Subscribed,
+    ) {
+        let Position { epoch, offset } = subscribed.position;
+        let ack = match (recover, subscribed.replay) {
+            (Some(_), Some(replay)) => {
+                self.stats.recoveries.fetch_add(1, Relaxed);
+                self.stats.replayed.fetch_add(replay.len() as u64, Relaxed);
+                for m in replay {
+                    self.send(
+                        &link.0,
+                        Down::replay(request_id, m.event, m.payload, m.offset),
+                    );
+                }
+                Down::recovered_ack(request_id, epoch, offset)
+            }
+            (Some(_), None) => {
+                self.stats.recoveries.fetch_add(1, Relaxed);
+                self.stats.recoveries_refused.fetch_add(1, Relaxed);
+                Down::ack(request_id, epoch, offset)
+            }
+            (None, _) => Down::ack(request_id, epoch, offset),
+        };
+        self.send(&link.0, ack);
+    }
+
+    /// Fetches `topic` from the first of its previous owners that has it, installs it, then
+    /// serves the requests parked for it, in order.
+    async fn fetch(self: Arc<Self>, topic: String, previous: Vec<NodeSpec>) {
+        let request = TakeRequest {
+            node_id: self.ownership.node_id().unwrap_or_default().to_owned(),
+            ring_version: self.ownership.version(),
+            topic: topic.clone(),
+            addr: self.ownership.own_addr().unwrap_or_default(),
+        };
+        let mut found = None;
+        'owners: for owner in &previous {
+            for _ in 0..50 {
+                let answer = self.peers.take(&owner.addr, request.clone()).await;
+                tracing::debug!(%topic, owner = %owner.id, outcome = ?answer.as_ref().map(|r| r.outcome()), "asked for a moved topic");
+                match answer {
+                    Ok(reply) => match reply.outcome() {
+                        Outcome::Found | Outcome::Owned => {
+                            found = Some(reply);
+                            break 'owners;
+                        }
+                        Outcome::Absent => continue 'owners,
+                        // The previous owner is fetching it itself: ask again shortly.
+                        Outcome::Busy => tokio::time::sleep(Duration::from_millis(20)).await,
+                    },
+                    Err(e) => {
+                        tracing::warn!(%topic, owner = %owner.id, error = %e, "cannot fetch a moved topic from its previous owner");
+                        continue 'owners;
+                    }
+                }
+            }
+        }
+        tracing::debug!(%topic, asked = previous.len(), found = found.is_some(), "moved topic fetched");
+        let mut shard = self.shard(&topic).lock();
+        shard.registry.clear_moved(&topic);
+        match found {
+            Some(reply) if reply.outcome() == Outcome::Owned => {
+                tracing::warn!(%topic, their_version = reply.ring_version, "a newer ring gives this topic elsewhere");
+                shard.registry.mark_moved(&topic, reply.ring_version, None);
+            }
+            Some(reply) => {
+                let now = Instant::now();
+                let log = reply
+                    .log
+                    .into_iter()
+                    .map(|e| {
+                        let message = Message {
+                            offset: e.offset,
+                            event: e.event,
+                            payload: e.payload,
+                        };
+                        (Duration::from_millis(e.age_ms), message)
+                    })
+                    .collect();
+                shard
+                    .registry
+                    .install(&topic, reply.epoch, reply.offset, log, now);
+                self.stats.handoffs_in.fetch_add(1, Relaxed);
+            }
+            None => {
+                self.stats.handoffs_empty.fetch_add(1, Relaxed);
+            }
+        }
+        for (link, request) in shard.parked.remove(&topic).unwrap_or_default() {
+            if self.ownership.owns(&topic) {
+                self.serve(&mut shard, &link, request);
+            } else {
+                let version = self.ownership.version();
+                self.wrong_owner(&link, request, version);
+            }
+        }
+    }
+
+    /// A gateway or peer mentioned ring `version`: say so once if it is newer than ours.
+    fn heard_of(&self, version: u64) {
+        if version > self.ownership.version()
+            && self.newest_seen.fetch_max(version, Relaxed) < version
+        {
+            tracing::warn!(
+                ours = self.ownership.version(),
+                theirs = version,
+                "a newer ring version is in use: this node has not read it yet"
+            );
+        }
+    }
+
+    fn wrong_owner(&self, link: &LinkRef, request: TopicRequest, version: u64) {
         self.stats.wrong_owner.fetch_add(1, Relaxed);
-        self.send(
-            &link.0,
-            Down::wrong_owner(request_id, topic, self.ownership.version()),
-        );
+        let id = request.request_id();
+        let topic = match request {
+            TopicRequest::Subscribe(r) => r.topic,
+            TopicRequest::Publish(r) => r.topic,
+            TopicRequest::Move(r) => r.topic,
+        };
+        self.send(&link.0, Down::wrong_owner(id, topic, version));
     }
 }
