@@ -58,6 +58,7 @@ pub enum ChannelEvent {
 /// A message replayed to one recovering subscriber.
 #[derive(Debug)]
 pub struct Replayed {
+    pub offset: u64,
     pub event: String,
     pub payload: bytes::Bytes,
 }

@@ -32,8 +32,27 @@ pub struct Gateway {
     pub ring_watch: Option<ringcast_ring::watcher::RingWatch>,
     pub index: Arc<index::LocalIndex>,
     pub metrics: Arc<metrics::Metrics>,
+    /// What the upstream links share (index, metrics, ring).
+    pub link_context: Arc<upstream::LinkContext>,
+    /// Topics with a move to their new owner under way.
+    pub moves: parking_lot::Mutex<std::collections::HashSet<String>>,
     pub next_sub: AtomicU64,
     pub next_conn: AtomicU64,
     /// Cancelled when the gateway shuts down: connections close with 1012.
     pub shutdown: CancellationToken,
+}
+
+impl Gateway {
+    /// Errors the channels of `subs` (their `topic` was interrupted).
+    pub fn interrupt(&self, topic: &str, subs: Vec<index::LocalSub>, reason: &'static str) {
+        metrics::Metrics::add(&self.metrics.interrupted_channels, subs.len() as u64);
+        for entry in subs {
+            let event = conn::ChannelEvent::Interrupted {
+                topic: topic.to_owned(),
+                sub: entry.sub,
+                reason,
+            };
+            entry.conn.send(event.into());
+        }
+    }
 }

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub interrupted_channels: AtomicU64,
     /// Gaps detected in a topic's stream (an offset jump or a new epoch).
     pub gaps: AtomicU64,
+    /// Topics moved to a new owner without interrupting their channels.
+    pub moves: AtomicU64,
 }
 
 impl Metrics {

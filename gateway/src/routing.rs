@@ -103,9 +103,9 @@ impl RingRouting {
         }
     }
 
-    /// Swaps in `ring`: connects new nodes, then stops the links of nodes that left (their
-    /// channels are interrupted as the links close). Returns the ring it replaced.
-    pub fn apply(&self, ring: Arc<Ring>) -> Arc<Ring> {
+    /// Swaps in `ring` and connects new nodes. Returns the ring it replaced and the links of
+    /// nodes that left (or changed address), for the caller to close once their topics moved.
+    pub fn apply(&self, ring: Arc<Ring>) -> (Arc<Ring>, Vec<Arc<UpstreamLink>>) {
         let old = self.ring.load_full();
         let plan = LinkPlan::between(&old, &ring);
         let mut links = HashMap::clone(&self.links.load());
@@ -121,12 +121,10 @@ impl RingRouting {
             .ctx
             .ring_version
             .store(ring.version(), std::sync::atomic::Ordering::Relaxed);
-        self.ring.store(ring);
+        // Links first: a topic routed by the new ring always finds its node's link.
         self.links.store(Arc::new(links));
-        for link in removed {
-            link.stop();
-        }
-        old
+        self.ring.store(ring);
+        (old, removed)
     }
 
     pub fn ring(&self) -> Arc<Ring> {

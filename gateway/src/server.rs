@@ -64,7 +64,10 @@ pub async fn run(
         queue: config.upstream_queue,
         ring_version,
         ring: ring.clone(),
+        gateway: std::sync::OnceLock::new(),
+        newest_seen: AtomicU64::new(0),
     });
+    let link_context = ctx.clone();
     let core_stop = CancellationToken::new();
     let link_tasks = TaskTracker::new();
     let (routing, ring_watch) = match (&config.ring, ring) {
@@ -103,10 +106,13 @@ pub async fn run(
         ring_watch,
         index,
         metrics,
+        link_context: link_context.clone(),
+        moves: Default::default(),
         next_sub: AtomicU64::new(1),
         next_conn: AtomicU64::new(1),
         shutdown: shutdown.clone(),
     });
+    let _ = link_context.gateway.set(Arc::downgrade(&gateway));
     if let Some(watch) = &gateway.ring_watch {
         tokio::spawn(rebalance::follow(gateway.clone(), watch.ring.clone()));
     }
@@ -126,6 +132,7 @@ pub async fn run(
     let app = Router::new()
         .route("/socket/websocket", get(websocket))
         .route("/status", get(status))
+        .route("/ring", get(ring_view))
         .route(
             "/",
             get(|| async { "ringcast gateway: connect to /socket/websocket?vsn=2.0.0\n" }),
@@ -221,5 +228,32 @@ async fn status(State(state): State<AppState>) -> impl IntoResponse {
         "slow_consumers": m.slow_consumers.load(Relaxed),
         "interrupted_channels": m.interrupted_channels.load(Relaxed),
         "gaps": m.gaps.load(Relaxed),
+    }))
+}
+
+/// `GET /ring`: the ring in force, the links, and which local topics sit on which node.
+async fn ring_view(State(state): State<AppState>) -> impl IntoResponse {
+    let g = &state.gateway;
+    let (version, nodes) = match &g.routing {
+        Routing::Ring(routing) => {
+            let ring = routing.ring();
+            let nodes: Vec<_> = ring
+                .nodes()
+                .iter()
+                .map(|n| {
+                    let connected = g.routing.link(&n.id).is_some_and(|l| l.is_connected());
+                    json!({"id": n.id, "addr": n.addr, "weight": n.weight, "connected": connected})
+                })
+                .collect();
+            (ring.version(), nodes)
+        }
+        Routing::Embedded(_) => (0, vec![json!({"id": EMBEDDED_NODE, "connected": true})]),
+    };
+    Json(json!({
+        "version": version,
+        "refused": g.ring_watch.as_ref().and_then(|w| w.refused()),
+        "nodes": nodes,
+        "topics": g.index.topics_by_node(),
+        "moving": g.moves.lock().len(),
     }))
 }

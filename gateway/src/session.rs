@@ -4,15 +4,15 @@
 //! into replies and upstream requests (no IO of its own); `serve` is the connection's one
 //! task: it reads frames, drains the inbox, and writes everything queued in one flush.
 
-use crate::Gateway;
 use crate::codec::{self, InFrame, Vsn};
 use crate::conn::{ChannelEvent, ConnEvent, ConnHandle, Cut};
 use crate::index::GroupKey;
 use crate::metrics::Metrics;
 use crate::upstream::{Pending, ReplyTo};
+use crate::{Gateway, rebalance};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::SinkExt;
-use ringcast_proto::{Position, Up};
+use ringcast_proto::Position;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -148,9 +148,6 @@ impl Session {
             Ok(recover) => recover,
             Err(reason) => return self.reply_error(f.join_ref, f.msg_ref, &topic, reason, out),
         };
-        let Some(link) = gateway.routing.route(&topic) else {
-            return self.reply_error(f.join_ref, f.msg_ref, &topic, "unavailable", out);
-        };
         let sub = gateway.next_sub.fetch_add(1, Relaxed);
         let join_ref: Option<Arc<str>> = f.join_ref.map(Arc::from);
         let pending = Pending::Join {
@@ -158,19 +155,25 @@ impl Session {
             topic: topic.clone(),
             sub,
             key: GroupKey::new(self.vsn, join_ref.clone()),
+            recover,
             replay: Vec::new(),
         };
-        if link
-            .request(|id| Up::subscribe(id, topic.clone(), sub, recover), pending)
-            .is_err()
-        {
+        // At the topic's feed if other local subscribers have one, else at its owner.
+        let node = match gateway.index.feed(&topic) {
+            Some((node, _)) => node,
+            None => match gateway.routing.route(&topic) {
+                Some(link) => link.node().clone(),
+                None => return self.reply_error(f.join_ref, f.msg_ref, &topic, "unavailable", out),
+            },
+        };
+        if rebalance::dispatch(&gateway, pending).is_err() {
             return self.reply_error(f.join_ref, f.msg_ref, &topic, "unavailable", out);
         }
         Metrics::inc(&gateway.metrics.joins);
         let mut channel = Channel {
             join_ref,
             sub,
-            node: link.node().clone(),
+            node,
             state: ChannelState::Joining {
                 msg_ref: f.msg_ref.map(Box::from),
                 recover,
@@ -206,11 +209,11 @@ impl Session {
     }
 
     fn push(&mut self, f: InFrame<'_>, out: &mut Vec<String>) {
-        let Some(channel) = self
+        let joined = self
             .channels
             .get(&f.topic)
-            .filter(|c| matches!(c.state, ChannelState::Joined))
-        else {
+            .is_some_and(|c| matches!(c.state, ChannelState::Joined));
+        if !joined {
             return self.reply_error(None, f.msg_ref, &f.topic, "unmatched topic", out);
         };
         if f.event.starts_with("phx_") {
@@ -232,7 +235,8 @@ impl Session {
         } else {
             (f.event.clone(), f.payload)
         };
-        let Some(link) = self.gateway.routing.link(&channel.node) else {
+        // To the topic's owner under the ring in force (which orders it).
+        let Some(link) = self.gateway.routing.route(&f.topic) else {
             return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unavailable", out);
         };
         let reply = ReplyTo {
@@ -243,14 +247,12 @@ impl Session {
             topic: f.topic.clone(),
         };
         let bytes = bytes::Bytes::copy_from_slice(codec::compact(payload).as_bytes());
-        let topic = f.topic.clone();
-        if link
-            .request(
-                |id| Up::publish(id, topic, event, bytes),
-                Pending::Publish(reply),
-            )
-            .is_err()
-        {
+        let pending = Pending::Publish {
+            reply,
+            event,
+            payload: bytes,
+        };
+        if link.request(pending).is_err() {
             return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unavailable", out);
         }
         Metrics::inc(&self.gateway.metrics.publishes);
@@ -284,6 +286,8 @@ impl Session {
                 else {
                     return;
                 };
+                // Where it was accepted (a retry after a ring change may land elsewhere).
+                channel.node = node;
                 // A recovery is all or nothing: the missed messages follow the reply, before
                 // any live one, or the reply says `recovered: false` with the current position
                 // and the client reloads from its source of truth.
@@ -368,9 +372,11 @@ impl Session {
         self.release_sub(topic, channel.sub, &channel.node);
     }
 
-    /// Drops a subscription here and at its topic server.
+    /// Drops a subscription here and at its topic server (where its topic's feed is
+    /// attached now, or where the join was sent while it is in flight).
     fn release_sub(&self, topic: &str, sub: u64, node: &str) {
-        self.gateway.index.remove(topic, sub);
+        let at = self.gateway.index.remove(topic, sub);
+        let node = at.as_deref().unwrap_or(node);
         if let Some(link) = self.gateway.routing.link(node) {
             link.unsubscribe(topic, sub);
         }

@@ -6,9 +6,10 @@
 //! fail, the node's subscriptions are interrupted (`phx_error`), and the link reconnects
 //! with jittered exponential backoff.
 
+use crate::Gateway;
 use crate::codec::{self, Vsn};
 use crate::conn::{ChannelEvent, ConnEvent, ConnHandle, Replayed};
-use crate::index::{Delivered, GroupKey, LocalIndex, LocalSub, Position};
+use crate::index::{Delivered, GroupKey, Inserted, LocalIndex, LocalSub, Position};
 use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
 use futures::stream::BoxStream;
@@ -18,8 +19,8 @@ use ringcast_proto::{Down, DownBatch, TopicServerClient, Up, UpBatch, down};
 use ringcast_ring::Ring;
 use ringcast_topic_server::TopicService;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -113,7 +114,7 @@ pub struct ReplyTo {
 
 impl ReplyTo {
     /// The publish was accepted as message `at` of the topic.
-    fn ok(&self, at: Position) {
+    pub fn ok(&self, at: Position) {
         let frame = codec::reply(
             self.vsn,
             self.join_ref.as_deref(),
@@ -125,7 +126,7 @@ impl ReplyTo {
         self.conn.send(ConnEvent::Frame(frame.into()));
     }
 
-    fn error(&self, reason: &str) {
+    pub fn error(&self, reason: &str) {
         let frame = codec::error_reply(
             self.vsn,
             self.join_ref.as_deref(),
@@ -137,7 +138,8 @@ impl ReplyTo {
     }
 }
 
-/// A request waiting for the owner's answer.
+/// A request waiting for the owner's answer; it carries what is needed to send it again
+/// (at another node, after a ring change).
 #[derive(Debug)]
 pub enum Pending {
     Join {
@@ -145,18 +147,99 @@ pub enum Pending {
         topic: String,
         sub: u64,
         key: GroupKey,
+        recover: Option<ringcast_proto::Position>,
         /// Missed messages replayed so far (a recovering join), delivered with the reply.
         replay: Vec<Replayed>,
     },
-    Publish(ReplyTo),
-    Unsubscribe,
+    Publish {
+        reply: ReplyTo,
+        event: String,
+        payload: bytes::Bytes,
+    },
+    /// This gateway's subscribers of `topic`, attached at `from_node`, moving to the link's
+    /// node (the topic's new owner).
+    Move {
+        topic: String,
+        subs: Vec<u64>,
+        from_node: Arc<str>,
+        from: Position,
+        /// Messages after `from`, replayed by the new owner before its ack.
+        replay: Vec<(u64, Replayed)>,
+    },
+    Unsubscribe {
+        topic: String,
+        sub: u64,
+    },
 }
 
-/// The link could not take the request: the topic server is not reachable right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("unavailable")]
-pub struct Unavailable;
+impl Pending {
+    pub fn topic(&self) -> &str {
+        match self {
+            Pending::Join { topic, .. }
+            | Pending::Move { topic, .. }
+            | Pending::Unsubscribe { topic, .. } => topic,
+            Pending::Publish { reply, .. } => &reply.topic,
+        }
+    }
 
+    fn up(&self, id: u64) -> Up {
+        match self {
+            Pending::Join {
+                topic,
+                sub,
+                recover,
+                ..
+            } => Up::subscribe(id, topic.clone(), *sub, *recover),
+            Pending::Publish {
+                reply,
+                event,
+                payload,
+            } => Up::publish(id, reply.topic.clone(), event.clone(), payload.clone()),
+            Pending::Move {
+                topic, subs, from, ..
+            } => Up::move_here(
+                id,
+                topic.clone(),
+                subs.clone(),
+                ringcast_proto::Position {
+                    epoch: from.epoch,
+                    offset: from.offset,
+                },
+            ),
+            Pending::Unsubscribe { topic, sub } => Up::unsubscribe(id, topic.clone(), *sub),
+        }
+    }
+
+    /// Gives up on the request: the client is told.
+    pub fn fail(self, ctx: &LinkContext, reason: &str) {
+        match self {
+            Pending::Join {
+                conn, topic, sub, ..
+            } => {
+                let failed = ChannelEvent::JoinFailed {
+                    topic,
+                    sub,
+                    reason: reason.to_owned(),
+                };
+                conn.send(failed.into());
+            }
+            Pending::Publish { reply, .. } => reply.error(reason),
+            Pending::Move {
+                topic, from_node, ..
+            } => {
+                // The subscribers stay where they were, which is not the owner any more:
+                // interrupt them (they rejoin at the owner) rather than starve them.
+                if let Some((node, subs)) = ctx.index.remove_topic(&topic) {
+                    if node != from_node {
+                        tracing::debug!(%topic, "feed moved on meanwhile");
+                    }
+                    ctx.interrupt(&topic, node, subs, "topic moved");
+                }
+            }
+            Pending::Unsubscribe { .. } => {}
+        }
+    }
+}
 #[derive(Debug, Default)]
 struct LinkState {
     /// Sender of the current stream; `None` while disconnected.
@@ -174,8 +257,42 @@ pub struct LinkContext {
     pub queue: usize,
     pub ring_version: Arc<AtomicU64>,
     /// The ring in force (none in embedded mode): a join completed at a node that no longer
-    /// owns its topic is undone and refused as unavailable, so the client retries at the owner.
+    /// owns its topic is undone and sent again to the owner.
     pub ring: Option<Arc<ArcSwap<Ring>>>,
+    /// The gateway, for what needs its routing (retries, moves, releases at other nodes).
+    pub gateway: OnceLock<Weak<Gateway>>,
+    /// The newest ring version a topic server mentioned (to say so once per version).
+    pub newest_seen: AtomicU64,
+}
+
+impl LinkContext {
+    pub fn gateway(&self) -> Option<Arc<Gateway>> {
+        self.gateway.get().and_then(Weak::upgrade)
+    }
+
+    /// Errors the channels of `subs` (their `topic` was interrupted) and releases them at
+    /// `node`.
+    pub fn interrupt(
+        &self,
+        topic: &str,
+        node: Arc<str>,
+        subs: Vec<LocalSub>,
+        reason: &'static str,
+    ) {
+        Metrics::add(&self.metrics.interrupted_channels, subs.len() as u64);
+        let link = self.gateway().and_then(|g| g.routing.link(&node));
+        for entry in subs {
+            if let Some(link) = &link {
+                link.unsubscribe(topic, entry.sub);
+            }
+            let event = ChannelEvent::Interrupted {
+                topic: topic.to_owned(),
+                sub: entry.sub,
+                reason,
+            };
+            entry.conn.send(event.into());
+        }
+    }
 }
 
 /// The link from this gateway to one topic server.
@@ -228,27 +345,29 @@ impl UpstreamLink {
         }
     }
 
-    /// Sends a request built by `make` from a fresh request id; `pending` is completed when
-    /// the owner answers (or fails if the stream breaks first).
-    pub fn request(
-        &self,
-        make: impl FnOnce(u64) -> Up,
-        pending: Pending,
-    ) -> Result<(), Unavailable> {
+    /// Sends `pending`'s request with a fresh request id; it is completed when the owner
+    /// answers (or fails if the stream breaks first). Handed back when the link cannot take
+    /// it (the topic server is not reachable right now).
+    #[allow(clippy::result_large_err)] // the request is handed back to be retried, not boxed
+    pub fn request(&self, pending: Pending) -> Result<(), Pending> {
         let id = self.next_request.fetch_add(1, Relaxed);
         let mut state = self.state.lock();
-        let tx = state.tx.as_ref().ok_or(Unavailable)?;
-        tx.try_send(make(id)).map_err(|_| Unavailable)?;
+        let Some(tx) = state.tx.as_ref() else {
+            return Err(pending);
+        };
+        if tx.try_send(pending.up(id)).is_err() {
+            return Err(pending);
+        }
         state.pending.insert(id, pending);
         Ok(())
     }
 
     /// Fire-and-forget removal of a subscription (the answer is ignored).
     pub fn unsubscribe(&self, topic: &str, sub: u64) {
-        let _ = self.request(
-            |id| Up::unsubscribe(id, topic.to_owned(), sub),
-            Pending::Unsubscribe,
-        );
+        let _ = self.request(Pending::Unsubscribe {
+            topic: topic.to_owned(),
+            sub,
+        });
     }
 
     /// Keeps the link up until the gateway stops: connect, serve, reconnect with backoff.
@@ -314,6 +433,7 @@ impl UpstreamLink {
             };
             match batch {
                 Some(Ok(batch)) => {
+                    self.heard_of(batch.ring_version);
                     for item in batch.items {
                         self.apply(item);
                     }
@@ -324,7 +444,16 @@ impl UpstreamLink {
         }
     }
 
-    /// Fails pending requests and interrupts every subscription held at this node.
+    /// A topic server mentioned ring `version`: say so once if it is newer than ours.
+    fn heard_of(&self, version: u64) {
+        let ours = self.ctx.ring_version.load(Relaxed);
+        if version > ours && self.ctx.newest_seen.fetch_max(version, Relaxed) < version {
+            tracing::warn!(node = %self.node, ours, theirs = version, "a newer ring version is in use: this gateway has not read it yet");
+        }
+    }
+
+    /// Fails pending requests (moves are tried again) and interrupts every subscription
+    /// held at this node.
     fn disconnect(&self, reason: &str) {
         let pending = {
             let mut state = self.state.lock();
@@ -333,7 +462,12 @@ impl UpstreamLink {
         };
         let was_connected = self.connected.swap(false, Relaxed);
         for (_, p) in pending {
-            fail(p, "unavailable");
+            match (p, self.ctx.gateway()) {
+                (p @ Pending::Move { .. }, Some(gateway)) if !self.stop.is_cancelled() => {
+                    crate::rebalance::retry(gateway, p, 0)
+                }
+                (p, _) => p.fail(&self.ctx, "unavailable"),
+            }
         }
         let interrupted = self.ctx.index.remove_node(&self.node);
         Metrics::add(
@@ -359,24 +493,13 @@ impl UpstreamLink {
 
     /// Errors the channels of a topic whose stream has a gap (they rejoin and recover) and
     /// drops their subscriptions at the owner.
-    fn interrupt_gap(&self, topic: &str, at: Position, subs: Vec<LocalSub>) {
+    fn interrupt_gap(&self, topic: &str, at: Position, node: Arc<str>, subs: Vec<LocalSub>) {
         if subs.is_empty() {
             return;
         }
         tracing::warn!(node = %self.node, %topic, epoch = at.epoch, offset = at.offset, channels = subs.len(), "gap in a topic's stream: interrupting its channels");
         Metrics::inc(&self.ctx.metrics.gaps);
-        Metrics::add(&self.ctx.metrics.interrupted_channels, subs.len() as u64);
-        for entry in subs {
-            self.unsubscribe(topic, entry.sub);
-            entry.conn.send(
-                ChannelEvent::Interrupted {
-                    topic: topic.to_owned(),
-                    sub: entry.sub,
-                    reason: "gap detected",
-                }
-                .into(),
-            );
-        }
+        self.ctx.interrupt(topic, node, subs, "gap detected");
     }
 
     /// Whether this link's node owns `topic` under the ring in force.
@@ -391,6 +514,34 @@ impl UpstreamLink {
         self.state.lock().pending.remove(&id)
     }
 
+    /// Sends `pending` again wherever the topic goes now, once the ring allows; or fails it.
+    fn retry(&self, pending: Pending, wanted_version: u64) {
+        match self.ctx.gateway() {
+            Some(gateway) => crate::rebalance::retry(gateway, pending, wanted_version),
+            None => pending.fail(&self.ctx, "unavailable"),
+        }
+    }
+
+    fn deliver(&self, topic: &str, at: Position, event: &str, payload: &[u8]) {
+        let delivered = match std::str::from_utf8(payload) {
+            Ok(payload) => self
+                .ctx
+                .index
+                .deliver(topic, at, event, payload, &self.ctx.metrics),
+            Err(_) => {
+                // Cannot be delivered, so the subscribers would miss it: a gap too.
+                tracing::error!(%topic, "delivery payload is not UTF-8");
+                match self.ctx.index.remove_topic(topic) {
+                    Some((node, subs)) => Delivered::Gap(node, subs),
+                    None => Delivered::Queued(0),
+                }
+            }
+        };
+        if let Delivered::Gap(node, subs) = delivered {
+            self.interrupt_gap(topic, at, node, subs);
+        }
+    }
+
     fn apply(&self, item: Down) {
         let Some(kind) = item.kind else { return };
         match kind {
@@ -400,30 +551,18 @@ impl UpstreamLink {
                     epoch: d.epoch,
                     offset: d.offset,
                 };
-                let delivered = match std::str::from_utf8(&d.payload) {
-                    Ok(payload) => {
-                        self.ctx
-                            .index
-                            .deliver(&d.topic, at, &d.event, payload, &self.ctx.metrics)
-                    }
-                    Err(_) => {
-                        // Cannot be delivered, so the subscribers would miss it: a gap too.
-                        tracing::error!(topic = %d.topic, "delivery payload is not UTF-8");
-                        Delivered::Gap(self.ctx.index.remove_topic(&d.topic))
-                    }
-                };
-                if let Delivered::Gap(subs) = delivered {
-                    self.interrupt_gap(&d.topic, at, subs);
-                }
+                self.deliver(&d.topic, at, &d.event, &d.payload);
             }
             down::Kind::Replay(r) => {
-                if let Some(Pending::Join { replay, .. }) =
-                    self.state.lock().pending.get_mut(&r.request_id)
-                {
-                    replay.push(Replayed {
-                        event: r.event,
-                        payload: r.payload,
-                    });
+                let replayed = Replayed {
+                    offset: r.offset,
+                    event: r.event,
+                    payload: r.payload,
+                };
+                match self.state.lock().pending.get_mut(&r.request_id) {
+                    Some(Pending::Join { replay, .. }) => replay.push(replayed),
+                    Some(Pending::Move { replay, .. }) => replay.push((r.offset, replayed)),
+                    _ => {}
                 }
             }
             down::Kind::Ack(ack) => {
@@ -433,80 +572,173 @@ impl UpstreamLink {
                     offset: position.offset,
                 };
                 match self.take_pending(ack.request_id) {
-                    Some(Pending::Join {
-                        conn,
-                        topic,
-                        sub,
-                        key,
-                        replay,
-                    }) => {
-                        if !self.owns(&topic) {
-                            // The ring changed while the join was in flight.
-                            self.unsubscribe(&topic, sub);
-                            let join = Pending::Join {
-                                conn,
-                                topic,
-                                sub,
-                                key,
-                                replay,
-                            };
-                            return fail(join, "unavailable");
-                        }
-                        let entry = LocalSub {
-                            sub,
-                            conn: conn.clone(),
-                            node: self.node.clone(),
-                        };
-                        if self.ctx.index.insert_if_open(&topic, key, entry, at) {
-                            let joined = ChannelEvent::Joined {
-                                topic,
-                                sub,
-                                node: self.node.clone(),
-                                epoch: position.epoch,
-                                offset: position.offset,
-                                replay: ack.recovered.then_some(replay),
-                            };
-                            conn.send(joined.into());
-                        } else {
-                            // The connection left while the join was in flight.
-                            self.unsubscribe(&topic, sub);
-                        }
-                    }
-                    Some(Pending::Publish(reply)) => reply.ok(at),
-                    Some(Pending::Unsubscribe) | None => {}
+                    Some(join @ Pending::Join { .. }) => self.joined(join, at, ack.recovered),
+                    Some(mv @ Pending::Move { .. }) => self.moved_here(mv, at, ack.recovered),
+                    Some(Pending::Publish { reply, .. }) => reply.ok(at),
+                    Some(Pending::Unsubscribe { .. }) | None => {}
                 }
             }
             down::Kind::WrongOwner(wrong) => {
-                tracing::warn!(node = %self.node, topic = %wrong.topic, their_version = wrong.ring_version, "topic server is not the owner");
+                tracing::debug!(node = %self.node, topic = %wrong.topic, their_version = wrong.ring_version, "topic server is not the owner");
+                self.heard_of(wrong.ring_version);
                 if let Some(p) = self.take_pending(wrong.request_id) {
-                    fail(p, "unavailable");
+                    self.retry(p, wrong.ring_version);
                 }
             }
             down::Kind::Rejected(rejected) => {
                 if let Some(p) = self.take_pending(rejected.request_id) {
-                    fail(p, &rejected.reason);
+                    p.fail(&self.ctx, &rejected.reason);
+                }
+            }
+            down::Kind::Moved(moved) => {
+                self.heard_of(moved.ring_version);
+                if let Some(gateway) = self.ctx.gateway() {
+                    crate::rebalance::handed_off(
+                        &gateway,
+                        &self.node,
+                        moved.topic,
+                        moved.ring_version,
+                    );
                 }
             }
         }
     }
-}
 
-fn fail(pending: Pending, reason: &str) {
-    match pending {
-        Pending::Join {
-            conn, topic, sub, ..
-        } => {
-            conn.send(
-                ChannelEvent::JoinFailed {
+    /// The owner accepted a join: index the subscriber and tell its connection.
+    fn joined(&self, join: Pending, at: Position, recovered: bool) {
+        let Pending::Join {
+            conn,
+            topic,
+            sub,
+            key,
+            recover,
+            replay,
+        } = join
+        else {
+            return;
+        };
+        let feed_here = self
+            .ctx
+            .index
+            .feed(&topic)
+            .is_some_and(|(node, _)| node == self.node);
+        let retry = |this: &Self| {
+            // The ring or the topic's feed moved while the join was in flight: undo it
+            // here and send it where the topic lives now.
+            this.unsubscribe(&topic, sub);
+            let again = Pending::Join {
+                conn: conn.clone(),
+                topic: topic.clone(),
+                sub,
+                key: key.clone(),
+                recover,
+                replay: Vec::new(),
+            };
+            this.retry(again, 0);
+        };
+        if !self.owns(&topic) && !feed_here {
+            return retry(self);
+        }
+        let entry = LocalSub {
+            sub,
+            conn: conn.clone(),
+        };
+        // A recovery counts only if the replay is exactly every message after the position.
+        let recovered = recovered
+            && recover.is_some_and(|from| {
+                replay.last().map_or(from.offset, |m| m.offset) == at.offset
+                    && replay
+                        .iter()
+                        .enumerate()
+                        .all(|(i, m)| m.offset == from.offset + 1 + i as u64)
+            });
+        match self
+            .ctx
+            .index
+            .insert_if_open(&topic, key.clone(), entry, &self.node, at)
+        {
+            Inserted::Added => {
+                if !self.owns(&topic)
+                    && let Some(gateway) = self.ctx.gateway()
+                {
+                    // The ring changed while the join was in flight and its sweep missed
+                    // this new feed: move it now.
+                    let subs = self.ctx.index.subs(&topic);
+                    crate::rebalance::start_move(&gateway, &topic, &self.node, subs);
+                }
+                let joined = ChannelEvent::Joined {
                     topic,
                     sub,
-                    reason: reason.to_owned(),
-                }
-                .into(),
-            );
+                    node: self.node.clone(),
+                    epoch: at.epoch,
+                    offset: at.offset,
+                    replay: recovered.then_some(replay),
+                };
+                conn.send(joined.into());
+            }
+            // The connection left while the join was in flight.
+            Inserted::Closed => self.unsubscribe(&topic, sub),
+            Inserted::ElsewhereNow => retry(self),
         }
-        Pending::Publish(reply) => reply.error(reason),
-        Pending::Unsubscribe => {}
+    }
+
+    /// A move of this gateway's subscribers of a topic to this node was accepted.
+    fn moved_here(&self, mv: Pending, at: Position, recovered: bool) {
+        let Pending::Move {
+            topic,
+            subs,
+            from_node,
+            replay,
+            ..
+        } = mv
+        else {
+            return;
+        };
+        if let Some(gateway) = self.ctx.gateway() {
+            gateway.moves.lock().remove(&topic);
+        }
+        if !recovered {
+            // The new owner could not continue the topic's numbering (its previous owner
+            // was lost): the subscribers are told and rejoin.
+            tracing::warn!(%topic, from = %from_node, to = %self.node, "moved topic could not be continued");
+            if let Some((node, local)) = self.ctx.index.remove_topic(&topic) {
+                self.ctx.interrupt(&topic, node, local, "topic moved");
+            }
+            for sub in subs {
+                self.unsubscribe(&topic, sub);
+            }
+            return;
+        }
+        for (offset, r) in replay {
+            let at = Position {
+                epoch: at.epoch,
+                offset,
+            };
+            self.deliver(&topic, at, &r.event, &r.payload);
+        }
+        let Some(attached) = self.ctx.index.rehome(&topic, &from_node, &self.node) else {
+            // Everyone left meanwhile (or the feed was interrupted): nothing to keep here.
+            for sub in subs {
+                self.unsubscribe(&topic, sub);
+            }
+            return;
+        };
+        let stragglers: Vec<u64> = attached
+            .iter()
+            .copied()
+            .filter(|s| !subs.contains(s))
+            .collect();
+        for sub in subs.iter().filter(|s| !attached.contains(s)) {
+            self.unsubscribe(&topic, *sub);
+        }
+        Metrics::inc(&self.ctx.metrics.moves);
+        if let Some(gateway) = self.ctx.gateway() {
+            crate::rebalance::release(&gateway, &topic, &from_node, &self.node, &attached);
+            if !stragglers.is_empty() {
+                // Joined at the old node after the move was sent: bring them along.
+                crate::rebalance::start_move(&gateway, &topic, &from_node, stragglers);
+            }
+        }
     }
 }
 
