@@ -157,6 +157,20 @@ impl Proc {
         response.json().await.ok()
     }
 
+    /// `GET path` as JSON, or `None` while the process is not answering.
+    pub async fn try_get(&self, path: &str) -> Option<Value> {
+        let response = reqwest::get(self.http(path)).await.ok()?;
+        response.json().await.ok()
+    }
+
+    /// Waits until `check(GET path)` holds.
+    pub async fn wait_get(&self, path: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        eventually(&format!("{}: {what}", self.name), EVENT_TIMEOUT, || async {
+            self.try_get(path).await.filter(|s| check(s))
+        })
+        .await
+    }
+
     pub async fn status(&self) -> Value {
         self.try_status()
             .await
@@ -190,6 +204,17 @@ pub struct ClusterSpec {
     /// Gateways (by index) that reach every topic server through a [`TcpProxy`] of their
     /// own, so that a test can cut one gateway off from one topic server.
     pub proxied_gateways: Vec<usize>,
+    /// Gateways and topic servers read different ring files, so that a test can give an
+    /// edit to one side first.
+    pub split_rings: bool,
+}
+
+/// Which processes a ring edit reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingTarget {
+    All,
+    Gateways,
+    TopicServers,
 }
 
 impl Default for ClusterSpec {
@@ -200,6 +225,7 @@ impl Default for ClusterSpec {
             gateway_env: Vec::new(),
             topic_server_env: Vec::new(),
             proxied_gateways: Vec::new(),
+            split_rings: false,
         }
     }
 }
@@ -210,17 +236,43 @@ pub struct Cluster {
     pub topic_servers: Vec<Proc>,
     pub gateways: Vec<Proc>,
     pub ring_path: PathBuf,
+    /// The gateways' ring file (the same as `ring_path` unless `split_rings`).
+    pub gateway_ring_path: PathBuf,
+    /// Ring files of topic servers added with [`Cluster::add_topic_server`].
+    added_ring_paths: Vec<PathBuf>,
+    topic_server_env: Vec<(String, String)>,
     /// `proxies[(gateway, topic server)]`: the proxies of `ClusterSpec::proxied_gateways`.
     pub proxies: HashMap<(usize, usize), TcpProxy>,
     _dir: tempfile::TempDir,
 }
 
-/// Writes a ring config with these `(id, addr)` nodes (atomically).
-pub fn write_ring(path: &Path, version: u64, nodes: &[(String, SocketAddr)]) {
+/// A ring config with these `(id, addr)` nodes.
+pub fn ring_text(version: u64, nodes: &[(String, SocketAddr)]) -> String {
     let mut text = format!("version = {version}\n");
     for (id, addr) in nodes {
         text.push_str(&format!("\n[[nodes]]\nid = \"{id}\"\naddr = \"{addr}\"\n"));
     }
+    text
+}
+
+fn write_ring_text(cluster: &Cluster, target: RingTarget, text: &str) {
+    if target != RingTarget::Gateways {
+        write_atomically(&cluster.ring_path, text);
+        for path in &cluster.added_ring_paths {
+            write_atomically(path, text);
+        }
+    }
+    if target != RingTarget::TopicServers {
+        write_atomically(&cluster.gateway_ring_path, text);
+    }
+}
+
+/// Writes a ring config with these `(id, addr)` nodes (atomically).
+pub fn write_ring(path: &Path, version: u64, nodes: &[(String, SocketAddr)]) {
+    write_atomically(path, &ring_text(version, nodes));
+}
+
+fn write_atomically(path: &Path, text: &str) {
     // Written aside and renamed into place, as editors and config-map mounts do, so that a
     // watcher never reads half a file.
     let tmp = path.with_extension("toml.tmp");
@@ -247,6 +299,13 @@ impl Cluster {
             .collect();
         write_ring(&ring_path, 1, &nodes);
         let ring = ring_path.display().to_string();
+        let gateway_ring_path = if spec.split_rings {
+            let path = dir.path().join("ring-gateways.toml");
+            write_ring(&path, 1, &nodes);
+            path
+        } else {
+            ring_path.clone()
+        };
         let topic_servers: Vec<Proc> = nodes
             .iter()
             .map(|(id, addr)| {
@@ -267,7 +326,7 @@ impl Cluster {
         let gateways: Vec<Proc> = (0..spec.gateways)
             .map(|i| {
                 let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-                let mut gateway_ring = ring.clone();
+                let mut gateway_ring = gateway_ring_path.display().to_string();
                 if spec.proxied_gateways.contains(&i) {
                     // The same ring (ids, version), with this gateway's proxies as addresses.
                     let mut via = Vec::new();
@@ -297,6 +356,9 @@ impl Cluster {
             topic_servers,
             gateways,
             ring_path,
+            gateway_ring_path,
+            added_ring_paths: Vec::new(),
+            topic_server_env: spec.topic_server_env.clone(),
             proxies,
             _dir: dir,
         };
@@ -307,6 +369,55 @@ impl Cluster {
             cluster.wait_links(i).await;
         }
         cluster
+    }
+
+    /// The `(id, addr)` of topic servers `which` (by index), for a ring file.
+    pub fn nodes(&self, which: &[usize]) -> Vec<(String, SocketAddr)> {
+        which
+            .iter()
+            .map(|&i| {
+                (
+                    self.topic_servers[i].name.clone(),
+                    self.topic_servers[i].addr,
+                )
+            })
+            .collect()
+    }
+
+    /// Writes a ring edit to the files `target` reads.
+    pub fn write_ring_for(&self, target: RingTarget, version: u64, nodes: &[(String, SocketAddr)]) {
+        write_ring_text(self, target, &ring_text(version, nodes));
+    }
+
+    /// Writes a ring edit given as TOML text (for weights) to the files `target` reads.
+    pub fn write_ring_toml(&self, target: RingTarget, text: &str) {
+        write_ring_text(self, target, text);
+    }
+
+    /// Starts one more topic server, `id`, with its own ring file: ring `version` made of
+    /// every topic server so far plus this one. It gets every later edit sent to the topic
+    /// servers. Returns its index.
+    pub async fn add_topic_server(&mut self, id: &str, version: u64) -> usize {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let path = self._dir.path().join(format!("ring-{id}.toml"));
+        let mut nodes = self.nodes(&(0..self.topic_servers.len()).collect::<Vec<_>>());
+        nodes.push((id.to_owned(), addr));
+        write_atomically(&path, &ring_text(version, &nodes));
+        let mut env = vec![
+            ("TOPIC_SERVER_LISTEN", addr.to_string()),
+            ("TOPIC_SERVER_ID", id.to_owned()),
+            ("RING_CONFIG", path.display().to_string()),
+        ];
+        env.extend(
+            self.topic_server_env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone())),
+        );
+        let proc = Proc::spawn(id, "topic-server", addr, &env);
+        proc.wait_status("up", |_| true).await;
+        self.topic_servers.push(proc);
+        self.added_ring_paths.push(path);
+        self.topic_servers.len() - 1
     }
 
     /// Waits until gateway `i` has a live stream to every topic server.

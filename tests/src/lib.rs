@@ -7,9 +7,10 @@
 pub mod cluster;
 pub mod node;
 pub mod proxy;
+pub mod traffic;
 pub mod ws;
 
-pub use cluster::{Cluster, ClusterSpec, Proc};
+pub use cluster::{Cluster, ClusterSpec, Proc, RingTarget};
 pub use node::NodeClient;
 pub use proxy::TcpProxy;
 pub use ws::WsClient;

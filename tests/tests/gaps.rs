@@ -3,7 +3,10 @@
 //! a new epoch. The gateway must error the affected channels, never deliver past a gap.
 
 use futures::StreamExt;
-use ringcast_proto::{Delivery, Down, DownBatch, TopicServer, TopicServerServer, Up, UpBatch, up};
+use ringcast_proto::{
+    Delivery, Down, DownBatch, TakeReply, TakeRequest, TopicServer, TopicServerServer, Up, UpBatch,
+    up,
+};
 use ringcast_tests::cluster::{Proc, free_port, ws_url};
 use ringcast_tests::{EVENT_TIMEOUT, WsClient};
 use serde_json::json;
@@ -40,6 +43,12 @@ impl TopicServer for Scripted {
         let (tx, rx) = mpsc::channel(64);
         let _ = self.downs.send(tx);
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn take(&self, _: Request<TakeRequest>) -> Result<Response<TakeReply>, Status> {
+        Err(Status::unimplemented(
+            "a single scripted node hands nothing over",
+        ))
     }
 }
 
