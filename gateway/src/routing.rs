@@ -123,6 +123,7 @@ impl RingRouting {
             .store(ring.version(), std::sync::atomic::Ordering::Relaxed);
         // Links first: a topic routed by the new ring always finds its node's link.
         self.links.store(Arc::new(links));
+        self.factory.ctx.previous_ring.store(Some(old.clone()));
         self.ring.store(ring);
         (old, removed)
     }

@@ -64,6 +64,7 @@ pub async fn run(
         queue: config.upstream_queue,
         ring_version,
         ring: ring.clone(),
+        previous_ring: Default::default(),
         gateway: std::sync::OnceLock::new(),
         newest_seen: AtomicU64::new(0),
     });

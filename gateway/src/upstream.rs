@@ -259,6 +259,8 @@ pub struct LinkContext {
     /// The ring in force (none in embedded mode): a join completed at a node that no longer
     /// owns its topic is undone and sent again to the owner.
     pub ring: Option<Arc<ArcSwap<Ring>>>,
+    /// The ring before the one in force: where a topic that moved may still be.
+    pub previous_ring: arc_swap::ArcSwapOption<Ring>,
     /// The gateway, for what needs its routing (retries, moves, releases at other nodes).
     pub gateway: OnceLock<Weak<Gateway>>,
     /// The newest ring version a topic server mentioned (to say so once per version).
@@ -266,6 +268,23 @@ pub struct LinkContext {
 }
 
 impl LinkContext {
+    /// Where `topic` may still be if it moved to `node`: its owner under the previous ring.
+    fn previous_owner(&self, topic: &str, node: &str) -> Option<String> {
+        let previous = self.previous_ring.load();
+        let owner = previous.as_ref()?.owner(topic);
+        (owner.id != node).then(|| owner.addr.clone())
+    }
+
+    /// The address of node `id` under the ring in force or the previous one.
+    fn addr_of(&self, id: &str) -> Option<String> {
+        let current = self.ring.as_ref()?.load();
+        if let Some(node) = current.node(id) {
+            return Some(node.addr.clone());
+        }
+        let previous = self.previous_ring.load();
+        previous.as_ref()?.node(id).map(|n| n.addr.clone())
+    }
+
     pub fn gateway(&self) -> Option<Arc<Gateway>> {
         self.gateway.get().and_then(Weak::upgrade)
     }
@@ -355,7 +374,15 @@ impl UpstreamLink {
         let Some(tx) = state.tx.as_ref() else {
             return Err(pending);
         };
-        if tx.try_send(pending.up(id)).is_err() {
+        let hint = match &pending {
+            Pending::Move { from_node, .. } => self.ctx.addr_of(from_node),
+            Pending::Unsubscribe { .. } => None,
+            other => self.ctx.previous_owner(other.topic(), &self.node),
+        };
+        if tx
+            .try_send(pending.up(id).with_previous_owner(hint))
+            .is_err()
+        {
             return Err(pending);
         }
         state.pending.insert(id, pending);

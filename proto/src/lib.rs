@@ -109,6 +109,7 @@ impl Up {
                 topic,
                 subscriber,
                 recover,
+                previous_owner: String::new(),
             })),
         }
     }
@@ -120,6 +121,7 @@ impl Up {
                 topic,
                 subscribers,
                 from: Some(from),
+                previous_owner: String::new(),
             })),
         }
     }
@@ -141,7 +143,21 @@ impl Up {
                 topic,
                 event,
                 payload,
+                previous_owner: String::new(),
             })),
         }
+    }
+
+    /// Names where the topic may still be if it moved (the owner under the sender's
+    /// previous ring).
+    pub fn with_previous_owner(mut self, addr: Option<String>) -> Up {
+        let Some(addr) = addr else { return self };
+        match &mut self.kind {
+            Some(up::Kind::Subscribe(r)) => r.previous_owner = addr,
+            Some(up::Kind::Publish(r)) => r.previous_owner = addr,
+            Some(up::Kind::Move(r)) => r.previous_owner = addr,
+            _ => {}
+        }
+        self
     }
 }

@@ -4,13 +4,9 @@
 use arc_swap::ArcSwap;
 use ringcast_ring::{NodeSpec, Ring};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 /// Rings kept after they are replaced, to find a moved topic's previous owners.
 const HISTORY: usize = 4;
-/// A server does not know where its topics were before it started: for this long after it
-/// starts, it asks every other node of its ring for a topic it does not hold.
-const STARTUP_WINDOW: Duration = Duration::from_secs(30);
 
 /// Which topics this server owns.
 #[derive(Debug)]
@@ -21,7 +17,6 @@ pub enum Ownership {
     Ring {
         node_id: String,
         rings: ArcSwap<RingHistory>,
-        started: Instant,
     },
 }
 
@@ -34,18 +29,12 @@ pub struct RingHistory {
 
 impl Ownership {
     pub fn ring(node_id: String, ring: Ring) -> Self {
-        Self::ring_started_at(node_id, ring, Instant::now())
-    }
-
-    /// As [`Ownership::ring`], for a node that started at `started`.
-    pub fn ring_started_at(node_id: String, ring: Ring, started: Instant) -> Self {
         Ownership::Ring {
             node_id,
             rings: ArcSwap::from_pointee(RingHistory {
                 current: Arc::new(ring),
                 previous: Vec::new(),
             }),
-            started,
         }
     }
 
@@ -96,16 +85,11 @@ impl Ownership {
     }
 
     /// Where `topic` may still be held if it moved here: its distinct owners under the
-    /// previous rings, newest first, other than this node (then every other node, shortly
-    /// after this node started). Empty when this node does not own it now or it never lived
-    /// elsewhere.
+    /// previous rings, newest first, other than this node. Empty when this node does not own
+    /// it now or it never lived elsewhere as far as this node knows (gateways name where it
+    /// was under their previous ring, for a node that started after the change).
     pub fn previous_owners(&self, topic: &str) -> Vec<NodeSpec> {
-        let Ownership::Ring {
-            node_id,
-            rings,
-            started,
-        } = self
-        else {
+        let Ownership::Ring { node_id, rings } = self else {
             return Vec::new();
         };
         let rings = rings.load();
@@ -117,14 +101,6 @@ impl Ownership {
             let owner = ring.owner(topic);
             if owner.id != *node_id && !owners.iter().any(|o| o.id == owner.id) {
                 owners.push(owner.clone());
-            }
-        }
-        if started.elapsed() < STARTUP_WINDOW {
-            // The rings before this node started are unknown: anyone may hold the topic.
-            for node in rings.current.nodes() {
-                if node.id != *node_id && !owners.iter().any(|o| o.id == node.id) {
-                    owners.push(node.clone());
-                }
             }
         }
         owners
@@ -181,8 +157,7 @@ mod tests {
 
     #[test]
     fn previous_owners_follow_the_history_newest_first() {
-        let long_ago = Instant::now() - STARTUP_WINDOW * 2;
-        let own = Ownership::ring_started_at("c".into(), ring(1, &["a", "b"]), long_ago);
+        let own = Ownership::ring("c".into(), ring(1, &["a", "b"]));
         // "c" is not in ring 1: it owns nothing yet.
         assert!(!own.owns("t0"));
         assert!(own.set_ring(Arc::new(ring(2, &["a", "b", "c"]))));

@@ -168,6 +168,16 @@ impl TopicRequest {
         }
     }
 
+    /// Where the sender says the topic may still be (its previous ring's owner).
+    fn hint(&self) -> Option<&str> {
+        let hint = match self {
+            TopicRequest::Subscribe(r) => &r.previous_owner,
+            TopicRequest::Publish(r) => &r.previous_owner,
+            TopicRequest::Move(r) => &r.previous_owner,
+        };
+        (!hint.is_empty()).then_some(hint.as_str())
+    }
+
     fn request_id(&self) -> u64 {
         match self {
             TopicRequest::Subscribe(r) => r.request_id,
@@ -355,7 +365,11 @@ impl TopicService {
             shard.registry.mark_moved(topic, request.ring_version, to);
         }
         let Some(handoff) = handoff else {
-            return reply(Outcome::Absent);
+            let moved_to = shard.registry.moved(topic).and_then(|m| m.to.clone());
+            return TakeReply {
+                moved_to: moved_to.unwrap_or_default(),
+                ..reply(Outcome::Absent)
+            };
         };
         s.stats.handoffs_out.fetch_add(1, Relaxed);
         tracing::debug!(%topic, to = %request.node_id, offset = handoff.offset, "topic handed over");
@@ -380,6 +394,7 @@ impl TopicService {
                     age_ms: age.as_millis() as u64,
                 })
                 .collect(),
+            moved_to: String::new(),
         }
     }
 
@@ -551,18 +566,17 @@ impl Shared {
             return self.wrong_owner(link, request, moved.version);
         }
         if !shard.registry.contains(request.topic()) {
-            // Where it may be now: where this node handed it, its owners under the previous
-            // rings, and then anyone else in the ring.
-            let mut previous: Vec<NodeSpec> = moved
-                .and_then(|m| m.to)
-                .map(|addr| NodeSpec {
-                    id: format!("node at {addr}"),
-                    addr,
-                    weight: 1,
-                })
-                .into_iter()
-                .collect();
-            previous.extend(self.ownership.previous_owners(request.topic()));
+            // Where it may be now: where this node handed it, where the sender's previous
+            // ring put it, its owners under this node's previous rings, and then anyone else
+            // in the ring.
+            let mut previous: Vec<NodeSpec> = Vec::new();
+            let leads = [moved.and_then(|m| m.to), request.hint().map(str::to_owned)];
+            for addr in leads.into_iter().flatten() {
+                push_node(&mut previous, node_at(addr));
+            }
+            for node in self.ownership.previous_owners(request.topic()) {
+                push_node(&mut previous, node);
+            }
             if !previous.is_empty() {
                 let others = self.ownership.others(&previous);
                 previous.extend(others);
@@ -685,7 +699,10 @@ impl Shared {
             addr: self.ownership.own_addr().unwrap_or_default(),
         };
         let mut found = None;
-        'owners: for owner in &previous {
+        let mut previous = previous;
+        let mut next = 0;
+        'owners: while let Some(owner) = previous.get(next).cloned() {
+            next += 1;
             for _ in 0..50 {
                 let answer = self.peers.take(&owner.addr, request.clone()).await;
                 tracing::debug!(%topic, owner = %owner.id, outcome = ?answer.as_ref().map(|r| r.outcome()), "asked for a moved topic");
@@ -695,7 +712,13 @@ impl Shared {
                             found = Some(reply);
                             break 'owners;
                         }
-                        Outcome::Absent => continue 'owners,
+                        Outcome::Absent => {
+                            if !reply.moved_to.is_empty() {
+                                // It went on from there: follow it.
+                                push_node(&mut previous, node_at(reply.moved_to));
+                            }
+                            continue 'owners;
+                        }
                         // The previous owner is fetching it itself: ask again shortly.
                         Outcome::Busy => tokio::time::sleep(Duration::from_millis(20)).await,
                     },
@@ -769,5 +792,21 @@ impl Shared {
             TopicRequest::Move(r) => r.topic,
         };
         self.send(&link.0, Down::wrong_owner(id, topic, version));
+    }
+}
+
+/// A node known only by its address (a lead from a gateway or a peer).
+fn node_at(addr: String) -> NodeSpec {
+    NodeSpec {
+        id: format!("node at {addr}"),
+        addr,
+        weight: 1,
+    }
+}
+
+/// Adds `node` to the nodes to ask, unless one at the same address is there already.
+fn push_node(nodes: &mut Vec<NodeSpec>, node: NodeSpec) {
+    if !nodes.iter().any(|n| n.addr == node.addr) {
+        nodes.push(node);
     }
 }
