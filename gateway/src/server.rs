@@ -96,6 +96,7 @@ pub async fn run(
                 links_stop.clone(),
             );
             link_tasks.spawn(link.clone().run());
+            tokio::spawn(hangup_notice(shutdown.clone()));
             (Routing::Embedded(link), None)
         }
     };
@@ -257,4 +258,19 @@ async fn ring_view(State(state): State<AppState>) -> impl IntoResponse {
         "topics": g.index.topics_by_node(),
         "moving": g.moves.lock().len(),
     }))
+}
+
+/// Without a ring there is nothing to reload; SIGHUP (which would otherwise stop the process)
+/// is logged and ignored, as in ring mode.
+async fn hangup_notice(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            Some(()) = hup.recv() => tracing::info!("SIGHUP: no ring to reload (single-node mode)"),
+        }
+    }
 }

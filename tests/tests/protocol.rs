@@ -349,6 +349,16 @@ async fn invalid_recover_positions_are_refused() {
 }
 
 #[tokio::test]
+async fn sighup_never_stops_a_single_node_gateway() {
+    let gw = start_embedded_gateway(&[]).await;
+    gw.signal("HUP");
+    let mut c = WsClient::connect(&ringcast_tests::cluster::ws_url(gw.addr)).await;
+    c.join_ok("room:hup", "1").await;
+    gw.signal("HUP");
+    assert!(!c.sync_or_closed().await, "still serving after SIGHUP");
+}
+
+#[tokio::test]
 async fn idle_sockets_are_closed_with_1001() {
     let gw = start_embedded_gateway(&[("GATEWAY_IDLE_TIMEOUT_SECS", "1".into())]).await;
     let mut c = WsClient::connect(&ringcast_tests::cluster::ws_url(gw.addr)).await;
