@@ -41,18 +41,3 @@ pub struct Gateway {
     /// Cancelled when the gateway shuts down: connections close with 1012.
     pub shutdown: CancellationToken,
 }
-
-impl Gateway {
-    /// Errors the channels of `subs` (their `topic` was interrupted).
-    pub fn interrupt(&self, topic: &str, subs: Vec<index::LocalSub>, reason: &'static str) {
-        metrics::Metrics::add(&self.metrics.interrupted_channels, subs.len() as u64);
-        for entry in subs {
-            let event = conn::ChannelEvent::Interrupted {
-                topic: topic.to_owned(),
-                sub: entry.sub,
-                reason,
-            };
-            entry.conn.send(event.into());
-        }
-    }
-}

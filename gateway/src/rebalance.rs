@@ -129,12 +129,9 @@ pub fn handed_off(gateway: &Arc<Gateway>, node: &Arc<str>, topic: String, versio
             start_move(&gateway, &topic, &node, subs);
         } else if let Some((node, subs)) = gateway.index.remove_topic(&topic) {
             tracing::warn!(%topic, version, "topic moved under a ring this gateway has not read: interrupting its channels");
-            if let Some(link) = gateway.routing.link(&node) {
-                for s in &subs {
-                    link.unsubscribe(&topic, s.sub);
-                }
-            }
-            gateway.interrupt(&topic, subs, "topic moved");
+            gateway
+                .link_context
+                .interrupt(&topic, node, subs, "topic moved");
         }
     });
 }

@@ -105,15 +105,14 @@ impl WsClient {
         reply["response"].clone()
     }
 
-    /// Publishes `[event, payload]` and waits for the ok reply (frames before it are
-    /// returned, in order).
-    pub async fn publish(
+    /// Sends `publish` with `[event, payload]`; returns its ref.
+    async fn send_publish(
         &mut self,
         join_ref: &str,
         topic: &str,
         event: &str,
         payload: Value,
-    ) -> Vec<Value> {
+    ) -> String {
         let msg_ref = self.fresh_ref();
         self.send_json(json!([
             join_ref,
@@ -123,6 +122,19 @@ impl WsClient {
             [event, payload]
         ]))
         .await;
+        msg_ref
+    }
+
+    /// Publishes `[event, payload]` and waits for the ok reply (frames before it are
+    /// returned, in order).
+    pub async fn publish(
+        &mut self,
+        join_ref: &str,
+        topic: &str,
+        event: &str,
+        payload: Value,
+    ) -> Vec<Value> {
+        let msg_ref = self.send_publish(join_ref, topic, event, payload).await;
         self.until_reply(&msg_ref, "ok").await
     }
 
@@ -135,33 +147,24 @@ impl WsClient {
         event: &str,
         payload: Value,
     ) -> Value {
-        let msg_ref = self.fresh_ref();
-        self.send_json(json!([
-            join_ref,
-            msg_ref,
-            topic,
-            "publish",
-            [event, payload]
-        ]))
-        .await;
-        loop {
-            let frame = self.recv_json().await;
-            if frame[1] == msg_ref.as_str() && frame[3] == "phx_reply" {
-                assert_eq!(frame[4]["status"], "ok", "reply to {msg_ref}: {frame}");
-                return frame[4]["response"].clone();
-            }
-        }
+        let msg_ref = self.send_publish(join_ref, topic, event, payload).await;
+        self.reply_to(&msg_ref, "ok").await.1[4]["response"].clone()
     }
 
     /// Reads frames until the reply to `msg_ref`, asserting its status; returns the frames
     /// read before it.
     pub async fn until_reply(&mut self, msg_ref: &str, status: &str) -> Vec<Value> {
+        self.reply_to(msg_ref, status).await.0
+    }
+
+    /// The frames before the reply to `msg_ref`, and the reply (its status asserted).
+    async fn reply_to(&mut self, msg_ref: &str, status: &str) -> (Vec<Value>, Value) {
         let mut before = Vec::new();
         loop {
             let frame = self.recv_json().await;
             if frame[1] == msg_ref && frame[3] == "phx_reply" {
                 assert_eq!(frame[4]["status"], status, "reply to {msg_ref}: {frame}");
-                return before;
+                return (before, frame);
             }
             before.push(frame);
         }
