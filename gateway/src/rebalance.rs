@@ -119,13 +119,7 @@ pub fn handed_off(gateway: &Arc<Gateway>, node: &Arc<str>, topic: String, versio
         if gateway.routing.version() >= version {
             // Re-attach the feed wherever the ring puts the topic now (even the same node:
             // it fetches the topic back and continues the numbering).
-            let subs = gateway
-                .index
-                .feeds()
-                .into_iter()
-                .find(|(t, _, _)| *t == topic)
-                .map(|(_, _, subs)| subs)
-                .unwrap_or_default();
+            let subs = gateway.index.subs(&topic);
             start_move(&gateway, &topic, &node, subs);
         } else if let Some((node, subs)) = gateway.index.remove_topic(&topic) {
             tracing::warn!(%topic, version, "topic moved under a ring this gateway has not read: interrupting its channels");
@@ -146,7 +140,6 @@ pub fn dispatch(gateway: &Gateway, pending: Pending) -> Result<(), Pending> {
             Some((node, _)) => gateway.routing.link(&node),
             None => gateway.routing.route(topic),
         },
-        Pending::Move { .. } => gateway.routing.route(topic),
         _ => gateway.routing.route(topic),
     };
     let pending = match pending {

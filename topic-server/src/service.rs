@@ -332,7 +332,7 @@ impl TopicService {
         })
     }
 
-    /// Swaps in a newer ring; handoffs it accounts for are forgotten.
+    /// Swaps in a newer ring.
     pub fn set_ring(&self, ring: Arc<Ring>) {
         let version = ring.version();
         if self.shared.ownership.set_ring(ring) {
@@ -559,13 +559,13 @@ impl Shared {
         if let Some(queue) = shard.parked.get_mut(request.topic()) {
             return queue.push((link.clone(), request));
         }
-        let ours = self.ownership.version();
-        let moved = shard.registry.moved(request.topic()).cloned();
-        if let Some(moved) = moved.as_ref().filter(|m| m.version > ours) {
-            // Handed to its owner under a newer ring this node has not read yet.
-            return self.wrong_owner(link, request, moved.version);
-        }
+        // A topic held here is served at once (a handover removes it); only an absent one
+        // may have been handed away, or may have to be fetched.
         if !shard.registry.contains(request.topic()) {
+            let moved = shard.registry.moved(request.topic()).cloned();
+            if let Some(version) = self.refused_version(moved.as_ref()) {
+                return self.wrong_owner(link, request, version);
+            }
             // Where it may be now: where this node handed it, where the sender's previous
             // ring put it, its owners under this node's previous rings, and then anyone else
             // in the ring.
@@ -595,14 +595,15 @@ impl Shared {
     }
 
     /// Serves a request for a topic this node owns and holds (or may create).
+    /// The ring version to refuse a topic with, if it was handed to its owner under a newer
+    /// ring than this node has read.
+    fn refused_version(&self, moved: Option<&crate::registry::Moved>) -> Option<u64> {
+        moved
+            .map(|m| m.version)
+            .filter(|v| *v > self.ownership.version())
+    }
+
     fn serve(&self, shard: &mut Shard, link: &LinkRef, request: TopicRequest) {
-        if let Some(moved) = shard.registry.moved(request.topic())
-            && moved.version > self.ownership.version()
-        {
-            // Handed to its owner under a newer ring this node has not read yet.
-            let version = moved.version;
-            return self.wrong_owner(link, request, version);
-        }
         let shard = &mut shard.registry;
         let now = Instant::now();
         match request {
@@ -760,12 +761,15 @@ impl Shared {
                 self.stats.handoffs_empty.fetch_add(1, Relaxed);
             }
         }
+        let refused = self.refused_version(shard.registry.moved(&topic));
         for (link, request) in shard.parked.remove(&topic).unwrap_or_default() {
-            if self.ownership.owns(&topic) {
-                self.serve(&mut shard, &link, request);
-            } else {
-                let version = self.ownership.version();
-                self.wrong_owner(&link, request, version);
+            match refused {
+                _ if !self.ownership.owns(&topic) => {
+                    let version = self.ownership.version();
+                    self.wrong_owner(&link, request, version);
+                }
+                Some(version) => self.wrong_owner(&link, request, version),
+                None => self.serve(&mut shard, &link, request),
             }
         }
     }
