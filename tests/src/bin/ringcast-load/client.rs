@@ -95,40 +95,49 @@ fn leading_number(text: &str) -> Option<(u64, &str)> {
     Some((text[..digits].parse().ok()?, &text[digits..]))
 }
 
-/// Reads a subscriber socket until it ends, recording every delivery; sends a heartbeat
-/// every 20 s so the gateway's idle timeout never closes it. One task, no split halves.
-pub async fn receive(mut ws: Ws) {
-    let mut heartbeat = tokio::time::interval(std::time::Duration::from_secs(20));
-    heartbeat.tick().await;
-    loop {
-        let message = tokio::select! {
-            message = ws.next() => message,
-            _ = heartbeat.tick() => {
-                let beat = Message::Text(r#"[null,"hb","phoenix","heartbeat",{}]"#.into());
-                if ws.send(beat).await.is_err() {
-                    stats::closed(None);
-                    return;
-                }
-                continue;
-            }
-        };
-        match message {
-            Some(Ok(Message::Text(text))) => {
-                if let Some((step, sent)) = parse_delivery(text.as_str()) {
-                    stats::record(step, sent);
-                }
-            }
-            Some(Ok(Message::Close(frame))) => {
-                stats::closed(frame.map(|f| u16::from(f.code)));
-                return;
-            }
-            Some(Ok(_)) => {}
-            Some(Err(_)) | None => {
-                stats::closed(None);
-                return;
-            }
-        }
-    }
+/// A websocket frame from the server (never masked), as the receiver threads need it.
+#[derive(Debug, PartialEq)]
+pub enum Frame<'a> {
+    Text(&'a [u8]),
+    /// A close frame and its code, if it has one.
+    Close(Option<u16>),
+    /// Binary, ping, pong or a continuation: not used by the gateway's deliveries.
+    Other,
+}
+
+/// Parses the frame at the start of `data`: the frame and its length in bytes, or `None`
+/// until all of it has arrived.
+pub fn parse_frame(data: &[u8]) -> Option<(Frame<'_>, usize)> {
+    let (&b0, &b1) = (data.first()?, data.get(1)?);
+    let (len, head) = match b1 & 0x7f {
+        126 => (
+            u16::from_be_bytes(data.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            usize::try_from(u64::from_be_bytes(data.get(2..10)?.try_into().ok()?)).ok()?,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let mask: usize = if b1 & 0x80 != 0 { 4 } else { 0 };
+    let payload = data.get(head + mask..(head + mask).checked_add(len)?)?;
+    let frame = match b0 & 0x0f {
+        0x1 if mask == 0 => Frame::Text(payload),
+        0x8 => Frame::Close(payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]))),
+        _ => Frame::Other,
+    };
+    Some((frame, head + mask + len))
+}
+
+/// A client's text frame (masked, as clients must) carrying `payload` (under 126 bytes).
+pub fn masked_text(payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126, "short frames only");
+    let key = [0x5a, 0x17, 0xc3, 0x88];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&key);
+    frame.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
+    frame
 }
 
 /// Reads the receiving half of a publishing connection, recording every delivery.
@@ -169,5 +178,61 @@ mod tests {
         assert!(sent <= stats::now_nanos());
         assert!(parse_delivery(r#"["1","2","t","phx_reply",{"status":"ok"}]"#).is_none());
         assert!(parse_delivery(r#"[null,"hb","phoenix","phx_reply",{}]"#).is_none());
+    }
+
+    #[test]
+    fn frames_parse_as_tungstenite_writes_them_and_wait_for_their_end() {
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        let mut wire = Vec::new();
+        let texts: Vec<String> = [0, 5, 125, 126, 300, 65535, 70_000]
+            .iter()
+            .map(|&n| "x".repeat(n))
+            .collect();
+        for text in &texts {
+            WsFrame::message(text.clone().into_bytes(), OpCode::Data(Data::Text), true)
+                .format(&mut wire)
+                .unwrap();
+        }
+        WsFrame::message(vec![1, 2], OpCode::Data(Data::Binary), true)
+            .format(&mut wire)
+            .unwrap();
+        WsFrame::close(Some(CloseFrame {
+            code: 1013.into(),
+            reason: "slow consumer".into(),
+        }))
+        .format(&mut wire)
+        .unwrap();
+        let mut seen = Vec::new();
+        let mut at = 0;
+        while let Some((frame, len)) = parse_frame(&wire[at..]) {
+            // Every shorter prefix of a frame is incomplete.
+            for cut in [0, 1, len / 2, len - 1] {
+                assert!(
+                    parse_frame(&wire[at..at + cut]).is_none(),
+                    "prefix {cut} of {len}"
+                );
+            }
+            seen.push(match frame {
+                Frame::Text(t) => format!("text {}", t.len()),
+                Frame::Close(code) => format!("close {code:?}"),
+                Frame::Other => "other".to_owned(),
+            });
+            at += len;
+        }
+        assert_eq!(at, wire.len());
+        let mut want: Vec<String> = texts.iter().map(|t| format!("text {}", t.len())).collect();
+        want.extend(["other".to_owned(), "close Some(1013)".to_owned()]);
+        assert_eq!(seen, want);
+        // A client frame is masked: the server unmasks it to the heartbeat.
+        let beat = masked_text(b"hello");
+        assert_eq!(beat[1], 0x80 | 5);
+        let unmasked: Vec<u8> = beat[6..]
+            .iter()
+            .zip(beat[2..6].iter().cycle())
+            .map(|(b, k)| b ^ k)
+            .collect();
+        assert_eq!(unmasked, b"hello");
     }
 }

@@ -60,6 +60,8 @@ pub async fn run(args: ConnsArgs) -> anyhow::Result<()> {
             .arg(args.common.connect_concurrency.to_string())
             .arg("--source-addrs")
             .arg(args.common.source_addrs.to_string())
+            .arg("--receiver-threads")
+            .arg("1")
             .arg("--worker")
             .arg((w * share).to_string())
             .stdout(Stdio::piped())
@@ -119,7 +121,7 @@ async fn worker(args: &ConnsArgs, first: usize) -> anyhow::Result<()> {
         }
     };
     println!("JOINED {}", conns.len());
-    fanout::start_subscribers(conns);
+    fanout::start_subscribers(&args.common, conns)?;
     // Hold until the parent closes stdin or the hold time (plus a margin) passes.
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let hold = Duration::from_secs_f64(args.hold_secs + 30.0);

@@ -47,11 +47,10 @@ pub async fn connect_many(
     Ok((results.into_iter().map(|(_, ws)| ws).collect(), rate))
 }
 
-/// Starts one task per subscriber connection: it records deliveries and heartbeats.
-pub fn start_subscribers(conns: Vec<Ws>) {
-    for ws in conns {
-        tokio::spawn(client::receive(ws));
-    }
+/// Hands the subscriber connections to the receiver threads: they record deliveries and
+/// send heartbeats.
+pub fn start_subscribers(common: &Common, conns: Vec<Ws>) -> anyhow::Result<()> {
+    crate::receiver::start(conns, common.receiver_threads)
 }
 
 /// Publishes `rate` messages/s for `duration`, spread round robin over publishers and
@@ -192,7 +191,7 @@ pub async fn run(common: Common, ramp: Ramp, subscribers: usize) -> anyhow::Resu
     );
     let (conns, connect_rate) = connect_many(&common, subscribers, |_| vec![topic.clone()]).await?;
     eprintln!("fanout: {subscribers} joined ({connect_rate:.0} connect+join/s)");
-    start_subscribers(conns);
+    start_subscribers(&common, conns)?;
 
     let mut publisher =
         client::connect(&common.gateways[0], client::source_addr(usize::MAX / 2, 1)).await?;

@@ -8,6 +8,7 @@
 mod client;
 mod conns;
 mod fanout;
+mod receiver;
 mod stats;
 mod topics;
 
@@ -47,6 +48,13 @@ pub struct Common {
     /// Spread client source addresses over 127.0.0.2 .. 127.0.0.(1+N) (more than 60k connections).
     #[arg(long, default_value_t = 8)]
     source_addrs: u8,
+    /// Threads reading the subscriber sockets (epoll, no task per socket).
+    #[arg(long, default_value_t = default_threads())]
+    receiver_threads: usize,
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// A ramp of publish rates.

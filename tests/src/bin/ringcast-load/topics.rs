@@ -47,7 +47,7 @@ pub async fn run(
             subscribers_only.push(ws);
         }
     }
-    fanout::start_subscribers(subscribers_only);
+    fanout::start_subscribers(&common, subscribers_only)?;
     let (rows, best) = fanout::run_ramp(&ramp, subscribers as u64, &mut pubs).await;
     let summary = json!({
         "workload": "topics", "topics": topics, "subscribers": subscribers, "connections": conns, "payload": ramp.payload,
