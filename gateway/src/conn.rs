@@ -16,9 +16,21 @@ use tokio_util::sync::CancellationToken;
 pub enum ConnEvent {
     /// An encoded frame to write as is: a delivery or a reply (bytes shared with others).
     Frame(Utf8Bytes),
+    /// Several deliveries in order, shared by every subscriber of a group.
+    Frames(Arc<[Utf8Bytes]>),
     /// News about one of the connection's channels, boxed so that the queue's slots (32
     /// allocated per idle connection) stay small.
     Channel(Box<ChannelEvent>),
+}
+
+impl ConnEvent {
+    /// How many frames the event counts for against the inbox's capacity.
+    fn frames(&self) -> usize {
+        match self {
+            ConnEvent::Frames(frames) => frames.len(),
+            ConnEvent::Frame(_) | ConnEvent::Channel(_) => 1,
+        }
+    }
 }
 
 impl From<ChannelEvent> for ConnEvent {
@@ -75,6 +87,8 @@ pub enum Cut {
 #[derive(Debug, Default)]
 struct Queue {
     events: VecDeque<ConnEvent>,
+    /// Frames in `events`, bounded by the capacity.
+    frames: usize,
     /// The connection's task stopped reading: nothing is queued any more.
     closed: bool,
 }
@@ -124,12 +138,14 @@ impl ConnHandle {
         if queue.closed {
             return false;
         }
-        if queue.events.len() >= self.0.capacity {
+        let frames = event.frames();
+        if queue.frames + frames > self.0.capacity {
             drop(queue);
             self.cut(Cut::SlowConsumer);
             return false;
         }
         let was_empty = queue.events.is_empty();
+        queue.frames += frames;
         queue.events.push_back(event);
         drop(queue);
         if was_empty {
@@ -162,10 +178,14 @@ impl Inbox {
     pub async fn recv_many(&mut self, buffer: &mut Vec<ConnEvent>, limit: usize) -> usize {
         loop {
             {
-                let mut queue = self.0.queue.lock();
+                let mut guard = self.0.queue.lock();
+                let queue = &mut *guard;
                 if !queue.events.is_empty() {
                     let n = queue.events.len().min(limit.max(1));
-                    buffer.extend(queue.events.drain(..n));
+                    for event in queue.events.drain(..n) {
+                        queue.frames -= event.frames();
+                        buffer.push(event);
+                    }
                     return n;
                 }
             }
@@ -179,11 +199,14 @@ impl Inbox {
         let mut queue = self.0.queue.lock();
         queue.closed = true;
         queue.events.clear();
+        queue.frames = 0;
     }
 
     /// Takes whatever is queued now, without waiting.
     pub fn drain(&mut self) -> Vec<ConnEvent> {
-        self.0.queue.lock().events.drain(..).collect()
+        let mut queue = self.0.queue.lock();
+        queue.frames = 0;
+        queue.events.drain(..).collect()
     }
 }
 

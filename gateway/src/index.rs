@@ -49,15 +49,39 @@ pub struct Position {
     pub offset: u64,
 }
 
-/// What [`LocalIndex::deliver`] did with a message.
+/// One message of a topic as its owner sent it.
+#[derive(Debug, Clone, Copy)]
+pub struct Incoming<'a> {
+    pub at: Position,
+    pub event: &'a str,
+    pub payload: &'a str,
+}
+
+/// What [`LocalIndex::deliver`] did with a run of messages.
 #[derive(Debug)]
 pub enum Delivered {
-    /// Queued to this many local subscribers (0 when the topic has none here, or the
-    /// message was delivered already).
+    /// Frames queued in all (0 when the topic has no subscribers here, or the messages
+    /// were delivered already).
     Queued(usize),
-    /// The message does not follow the last one: the topic's subscribers, removed from the
-    /// index, to be interrupted (at the node they were attached at).
-    Gap(Arc<str>, Vec<LocalSub>),
+    /// The message at this position does not follow the last one: the topic's
+    /// subscribers, removed from the index, to be interrupted (at the node they were
+    /// attached at).
+    Gap(Position, Arc<str>, Vec<LocalSub>),
+}
+
+/// A group's encoded frames for one run.
+enum Frames {
+    One(Utf8Bytes),
+    Many(Arc<[Utf8Bytes]>),
+}
+
+impl Frames {
+    fn to_event(&self) -> ConnEvent {
+        match self {
+            Frames::One(bytes) => ConnEvent::Frame(bytes.clone()),
+            Frames::Many(frames) => ConnEvent::Frames(frames.clone()),
+        }
+    }
 }
 
 /// What [`LocalIndex::insert_if_open`] did.
@@ -240,53 +264,73 @@ impl LocalIndex {
         Some(subs.subs().map(|s| s.sub).collect())
     }
 
-    /// Queues message `at` of `topic` to every local subscriber, encoding it once per
-    /// group, when it follows the last message delivered; drops it when it was delivered
-    /// already; otherwise removes the topic's subscribers and returns them
-    /// ([`Delivered::Gap`]).
-    pub fn deliver(
-        &self,
-        topic: &str,
-        at: Position,
-        event: &str,
-        payload: &str,
-        metrics: &Metrics,
-    ) -> Delivered {
-        {
+    /// Queues `messages` (consecutive messages of `topic` from one batch) to every local
+    /// subscriber: each message is encoded once per group, and each subscriber gets one
+    /// inbox event for the whole run. A message at or before the last one delivered is
+    /// dropped; one that does not follow it ends the run: the topic's subscribers are removed
+    /// and returned ([`Delivered::Gap`]) after the messages before it were queued.
+    pub fn deliver(&self, topic: &str, messages: &[Incoming<'_>], metrics: &Metrics) -> Delivered {
+        let gap = {
             let shard = self.shard(topic).read();
             let Some(subs) = shard.get(topic) else {
                 return Delivered::Queued(0);
             };
             let mut last = subs.last.lock();
-            if subs.epoch == at.epoch && at.offset <= *last {
-                return Delivered::Queued(0);
+            let mut fresh = Vec::with_capacity(messages.len());
+            let mut gap = None;
+            for m in messages {
+                if subs.epoch == m.at.epoch && m.at.offset <= *last {
+                    continue;
+                }
+                if subs.epoch == m.at.epoch && m.at.offset == *last + 1 {
+                    *last = m.at.offset;
+                    fresh.push(m);
+                    continue;
+                }
+                gap = Some(m.at);
+                break;
             }
-            if subs.epoch == at.epoch && at.offset == *last + 1 {
-                *last = at.offset;
-                return Delivered::Queued(Self::fan_out(subs, topic, event, payload, metrics));
+            let queued = Self::fan_out(subs, topic, &fresh, metrics);
+            match gap {
+                None => return Delivered::Queued(queued),
+                Some(at) => at,
             }
-        }
+        };
         match self.remove_topic(topic) {
-            Some((node, subs)) => Delivered::Gap(node, subs),
+            Some((node, subs)) => Delivered::Gap(gap, node, subs),
             None => Delivered::Queued(0),
         }
     }
 
+    /// Queues `messages` to every subscriber of `subs`; returns the frames queued.
     fn fan_out(
         subs: &TopicSubs,
         topic: &str,
-        event: &str,
-        payload: &str,
+        messages: &[&Incoming<'_>],
         metrics: &Metrics,
     ) -> usize {
-        let frame = DeliveryFrame::new(topic, event, payload);
+        if messages.is_empty() {
+            return 0;
+        }
+        let frames: Vec<DeliveryFrame> = messages
+            .iter()
+            .map(|m| DeliveryFrame::new(topic, m.event, m.payload))
+            .collect();
         let mut queued = 0;
         for (key, group) in &subs.groups {
-            let bytes = Utf8Bytes::from(frame.encode(key.vsn, key.join_ref.as_deref()));
-            Metrics::inc(&metrics.encodes);
+            let mut encoded = frames
+                .iter()
+                .map(|f| Utf8Bytes::from(f.encode(key.vsn, key.join_ref.as_deref())));
+            Metrics::add(&metrics.encodes, frames.len() as u64);
+            // One message: the bytes themselves; more: one shared slice of them, so that a
+            // subscriber costs one inbox push per run rather than one per message.
+            let event = match (encoded.next(), frames.len()) {
+                (Some(one), 1) => Frames::One(one),
+                (first, _) => Frames::Many(first.into_iter().chain(encoded).collect()),
+            };
             for s in group {
-                if s.conn.send(ConnEvent::Frame(bytes.clone())) {
-                    queued += 1;
+                if s.conn.send(event.to_event()) {
+                    queued += frames.len();
                 }
             }
         }
@@ -346,6 +390,10 @@ mod tests {
         Position { epoch: 9, offset }
     }
 
+    fn msg<'a>(at: Position, event: &'a str, payload: &'a str) -> Incoming<'a> {
+        Incoming { at, event, payload }
+    }
+
     fn node(id: &str) -> Arc<str> {
         id.into()
     }
@@ -353,8 +401,10 @@ mod tests {
     fn frames(inbox: &mut crate::conn::Inbox) -> Vec<String> {
         let mut out = Vec::new();
         for event in inbox.drain() {
-            if let ConnEvent::Frame(b) = event {
-                out.push(b.as_str().to_owned());
+            match event {
+                ConnEvent::Frame(b) => out.push(b.as_str().to_owned()),
+                ConnEvent::Frames(all) => out.extend(all.iter().map(|b| b.as_str().to_owned())),
+                ConnEvent::Channel(_) => {}
             }
         }
         out
@@ -381,7 +431,7 @@ mod tests {
             receivers.push(rx);
         }
         assert!(matches!(
-            index.deliver("t", next(1), "e", "{}", &metrics),
+            index.deliver("t", &[msg(next(1), "e", "{}")], &metrics),
             Delivered::Queued(10)
         ));
         assert_eq!(
@@ -471,7 +521,7 @@ mod tests {
         );
         index.insert_if_open("t", key, LocalSub { sub: 2, conn: fast }, &n, AT);
         for offset in 1..=3 {
-            index.deliver("t", next(offset), "e", "1", &metrics);
+            index.deliver("t", &[msg(next(offset), "e", "1")], &metrics);
         }
         assert_eq!(frames(&mut fast_rx).len(), 3);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -504,14 +554,19 @@ mod tests {
             Delivered::Queued(n) => n,
             Delivered::Gap(..) => usize::MAX,
         };
-        assert_eq!(queued(index.deliver("a", next(1), "e", "1", &metrics)), 2);
         assert_eq!(
-            queued(index.deliver("a", next(1), "e", "1", &metrics)),
+            queued(index.deliver("a", &[msg(next(1), "e", "1")], &metrics)),
+            2
+        );
+        assert_eq!(
+            queued(index.deliver("a", &[msg(next(1), "e", "1")], &metrics)),
             0,
             "a duplicate"
         );
-        match index.deliver("a", next(3), "e", "3", &metrics) {
-            Delivered::Gap(at, subs) => assert_eq!((&*at, subs.len()), ("n", 2)),
+        match index.deliver("a", &[msg(next(3), "e", "3")], &metrics) {
+            Delivered::Gap(at, node, subs) => {
+                assert_eq!((at, &*node, subs.len()), (next(3), "n", 2))
+            }
             other => panic!("offset 2 was skipped: {other:?}"),
         }
         assert_eq!(
@@ -519,13 +574,16 @@ mod tests {
             1,
             "the gap removed the topic's subscribers"
         );
-        assert_eq!(queued(index.deliver("a", next(4), "e", "4", &metrics)), 0);
+        assert_eq!(
+            queued(index.deliver("a", &[msg(next(4), "e", "4")], &metrics)),
+            0
+        );
         let other_epoch = Position {
             epoch: 10,
             offset: 1,
         };
         assert!(matches!(
-            index.deliver("b", other_epoch, "e", "1", &metrics),
+            index.deliver("b", &[msg(other_epoch, "e", "1")], &metrics),
             Delivered::Gap(..)
         ));
         assert_eq!(
@@ -533,5 +591,83 @@ mod tests {
             2,
             "only the message before the gap was queued"
         );
+    }
+
+    #[test]
+    fn a_run_is_one_inbox_event_per_subscriber_and_stops_at_a_gap() {
+        let index = LocalIndex::default();
+        let metrics = Metrics::default();
+        let (a, mut a_rx) = ConnHandle::new(1, 16, &Default::default());
+        let (b, mut b_rx) = ConnHandle::new(2, 16, &Default::default());
+        let key = GroupKey::new(Vsn::V2, Some("\"1\"".into()));
+        for (sub, conn) in [(1, a), (2, b)] {
+            index.insert_if_open("t", key.clone(), LocalSub { sub, conn }, &node("n"), AT);
+        }
+        let run = [
+            msg(next(1), "e", "1"),
+            msg(next(2), "e", "2"),
+            msg(next(3), "e", "3"),
+        ];
+        assert!(matches!(
+            index.deliver("t", &run, &metrics),
+            Delivered::Queued(6)
+        ));
+        assert_eq!(
+            metrics.encodes.load(std::sync::atomic::Ordering::Relaxed),
+            3
+        );
+        for rx in [&mut a_rx, &mut b_rx] {
+            let events = rx.drain();
+            assert_eq!(events.len(), 1, "one event for the run");
+            let ConnEvent::Frames(all) = &events[0] else {
+                panic!("{events:?}")
+            };
+            let texts: Vec<&str> = all.iter().map(|f| f.as_str()).collect();
+            assert_eq!(
+                texts,
+                [1, 2, 3].map(|n| format!(r#"["1",null,"t","e",{n}]"#))
+            );
+        }
+        // A duplicate is skipped, the next message queued, and the jump after it is a gap.
+        let run = [
+            msg(next(3), "e", "3"),
+            msg(next(4), "e", "4"),
+            msg(next(6), "e", "6"),
+        ];
+        match index.deliver("t", &run, &metrics) {
+            Delivered::Gap(at, _, subs) => assert_eq!((at, subs.len()), (next(6), 2)),
+            other => panic!("offset 5 was skipped: {other:?}"),
+        }
+        assert_eq!(frames(&mut a_rx), [r#"["1",null,"t","e",4]"#]);
+    }
+
+    #[test]
+    fn the_inbox_bound_counts_frames_not_events() {
+        let index = LocalIndex::default();
+        let metrics = Metrics::default();
+        let (conn, _rx) = ConnHandle::new(1, 2, &Default::default());
+        let sub = LocalSub {
+            sub: 1,
+            conn: conn.clone(),
+        };
+        index.insert_if_open("t", GroupKey::new(Vsn::V2, None), sub, &node("n"), AT);
+        let run = [
+            msg(next(1), "e", "1"),
+            msg(next(2), "e", "2"),
+            msg(next(3), "e", "3"),
+        ];
+        assert!(matches!(
+            index.deliver("t", &run, &metrics),
+            Delivered::Queued(0)
+        ));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), conn.cut_requested())
+                .await
+                .expect("a run larger than the inbox cuts the connection");
+        });
     }
 }

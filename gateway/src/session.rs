@@ -262,6 +262,7 @@ impl Session {
     pub fn on_event(&mut self, event: ConnEvent, out: &mut Vec<Message>) {
         match event {
             ConnEvent::Frame(bytes) => out.push(Message::Text(bytes)),
+            ConnEvent::Frames(frames) => out.extend(frames.iter().cloned().map(Message::Text)),
             ConnEvent::Channel(event) => self.on_channel_event(*event, out),
         }
     }

@@ -9,7 +9,7 @@
 use crate::Gateway;
 use crate::codec::{self, Vsn};
 use crate::conn::{ChannelEvent, ConnEvent, ConnHandle, Replayed};
-use crate::index::{Delivered, GroupKey, Inserted, LocalIndex, LocalSub, Position};
+use crate::index::{Delivered, GroupKey, Incoming, Inserted, LocalIndex, LocalSub, Position};
 use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
 use futures::stream::BoxStream;
@@ -28,6 +28,8 @@ use tonic::Status;
 
 /// Requests drained into one upstream batch at most.
 const MAX_BATCH: usize = 1024;
+/// Batches from a topic server applied together when they have all arrived.
+const READY_BATCHES: usize = 32;
 
 /// How a link reaches its topic server.
 #[derive(Debug, Clone)]
@@ -452,21 +454,35 @@ impl UpstreamLink {
         self.disconnect("gateway stopping");
     }
 
-    async fn serve(&self, mut down: DownStream) -> String {
+    async fn serve(&self, down: DownStream) -> String {
+        // Every batch that has arrived is applied at once: when the gateway is busy, a
+        // topic's messages from several batches are fanned out as one run.
+        let mut down = down.ready_chunks(READY_BATCHES);
         loop {
-            let batch = tokio::select! {
+            let batches = tokio::select! {
                 _ = self.stop.cancelled() => return "gateway stopping".into(),
-                batch = down.next() => batch,
+                batches = down.next() => batches,
             };
-            match batch {
-                Some(Ok(batch)) => {
-                    self.heard_of(batch.ring_version);
-                    for item in batch.items {
-                        self.apply(item);
+            let Some(batches) = batches else {
+                return "stream ended".into();
+            };
+            let mut items = Vec::new();
+            let mut failed = None;
+            for batch in batches {
+                match batch {
+                    Ok(batch) => {
+                        self.heard_of(batch.ring_version);
+                        items.extend(batch.items);
+                    }
+                    Err(status) => {
+                        failed = Some(format!("stream failed: {status}"));
+                        break;
                     }
                 }
-                Some(Err(status)) => return format!("stream failed: {status}"),
-                None => return "stream ended".into(),
+            }
+            self.apply_batch(items);
+            if let Some(reason) = failed {
+                return reason;
             }
         }
     }
@@ -549,37 +565,74 @@ impl UpstreamLink {
         }
     }
 
-    fn deliver(&self, topic: &str, at: Position, event: &str, payload: &[u8]) {
-        let delivered = match std::str::from_utf8(payload) {
-            Ok(payload) => self
-                .ctx
-                .index
-                .deliver(topic, at, event, payload, &self.ctx.metrics),
-            Err(_) => {
-                // Cannot be delivered, so the subscribers would miss it: a gap too.
-                tracing::error!(%topic, "delivery payload is not UTF-8");
-                match self.ctx.index.remove_topic(topic) {
-                    Some((node, subs)) => Delivered::Gap(node, subs),
-                    None => Delivered::Queued(0),
+    /// Delivers consecutive messages of `topic` (a run from one batch).
+    fn deliver<'a>(
+        &self,
+        topic: &str,
+        run: impl IntoIterator<Item = (Position, &'a str, &'a [u8])>,
+    ) {
+        let mut messages = Vec::new();
+        let mut unreadable = None;
+        for (at, event, payload) in run {
+            match std::str::from_utf8(payload) {
+                Ok(payload) => messages.push(Incoming { at, event, payload }),
+                Err(_) => {
+                    unreadable = Some(at);
+                    break;
                 }
             }
-        };
-        if let Delivered::Gap(node, subs) = delivered {
+        }
+        let mut delivered = self.ctx.index.deliver(topic, &messages, &self.ctx.metrics);
+        if let (Some(at), Delivered::Queued(_)) = (unreadable, &delivered) {
+            // Cannot be delivered, so the subscribers would miss it: a gap too.
+            tracing::error!(%topic, "delivery payload is not UTF-8");
+            if let Some((node, subs)) = self.ctx.index.remove_topic(topic) {
+                delivered = Delivered::Gap(at, node, subs);
+            }
+        }
+        if let Delivered::Gap(at, node, subs) = delivered {
             self.interrupt_gap(topic, at, node, subs);
+        }
+    }
+
+    /// Applies a batch from the topic server in order; consecutive deliveries of one topic
+    /// are fanned out as one run.
+    fn apply_batch(&self, items: Vec<Down>) {
+        let mut items = items.into_iter().peekable();
+        while let Some(item) = items.next() {
+            let Some(down::Kind::Delivery(mut first)) = item.kind else {
+                self.apply(item);
+                continue;
+            };
+            let topic = std::mem::take(&mut first.topic);
+            let mut run = vec![first];
+            while let Some(Down {
+                kind: Some(down::Kind::Delivery(next)),
+            }) = items
+                .next_if(|n| matches!(&n.kind, Some(down::Kind::Delivery(d)) if d.topic == topic))
+            {
+                run.push(next);
+            }
+            Metrics::add(&self.ctx.metrics.deliveries_in, run.len() as u64);
+            self.deliver(
+                &topic,
+                run.iter().map(|d| {
+                    let at = Position {
+                        epoch: d.epoch,
+                        offset: d.offset,
+                    };
+                    (at, d.event.as_str(), &d.payload[..])
+                }),
+            );
         }
     }
 
     fn apply(&self, item: Down) {
         let Some(kind) = item.kind else { return };
         match kind {
-            down::Kind::Delivery(d) => {
-                Metrics::inc(&self.ctx.metrics.deliveries_in);
-                let at = Position {
-                    epoch: d.epoch,
-                    offset: d.offset,
-                };
-                self.deliver(&d.topic, at, &d.event, &d.payload);
-            }
+            down::Kind::Delivery(d) => self.apply_batch(vec![Down {
+                kind: Some(down::Kind::Delivery(d)),
+            }]),
             down::Kind::Replay(r) => {
                 let replayed = Replayed {
                     offset: r.offset,
@@ -736,13 +789,17 @@ impl UpstreamLink {
             }
             return;
         }
-        for (offset, r) in replay {
-            let at = Position {
-                epoch: at.epoch,
-                offset,
-            };
-            self.deliver(&topic, at, &r.event, &r.payload);
-        }
+        let epoch = at.epoch;
+        self.deliver(
+            &topic,
+            replay.iter().map(|(offset, r)| {
+                let at = Position {
+                    epoch,
+                    offset: *offset,
+                };
+                (at, r.event.as_str(), &r.payload[..])
+            }),
+        );
         let Some(attached) = self.ctx.index.rehome(&topic, &from_node, &self.node) else {
             // Everyone left meanwhile (or the feed was interrupted): nothing to keep here.
             for sub in subs {
