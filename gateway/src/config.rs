@@ -101,7 +101,7 @@ struct Cli {
     /// Channels per connection at most.
     #[arg(long, env = "GATEWAY_MAX_CHANNELS", value_name = "GATEWAY_MAX_CHANNELS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     max_channels: u32,
-    /// Outbound events queued per connection before it is closed as too slow (1013).
+    /// Outbound frames queued per connection before it is closed as too slow (1013).
     #[arg(long, env = "GATEWAY_CLIENT_QUEUE", value_name = "GATEWAY_CLIENT_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(8..))]
     client_queue: u32,
     /// Largest client websocket message in bytes (larger: close 1009).
