@@ -394,6 +394,27 @@ mod tests {
         Incoming { at, event, payload }
     }
 
+    /// Waits (a second at most) for `conn` to be cut.
+    fn assert_cut(conn: &ConnHandle, why: &str) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), conn.cut_requested())
+                .await
+                .expect(why);
+        });
+    }
+
+    /// Messages `(offset, payload)` of event "e".
+    fn run_of(messages: &[(u64, &'static str)]) -> Vec<Incoming<'static>> {
+        messages
+            .iter()
+            .map(|&(offset, payload)| msg(next(offset), "e", payload))
+            .collect()
+    }
+
     fn node(id: &str) -> Arc<str> {
         id.into()
     }
@@ -524,15 +545,7 @@ mod tests {
             index.deliver("t", &[msg(next(offset), "e", "1")], &metrics);
         }
         assert_eq!(frames(&mut fast_rx).len(), 3);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(1), slow.cut_requested())
-                .await
-                .expect("slow connection is cut");
-        });
+        assert_cut(&slow, "slow connection is cut");
     }
 
     #[test]
@@ -603,11 +616,7 @@ mod tests {
         for (sub, conn) in [(1, a), (2, b)] {
             index.insert_if_open("t", key.clone(), LocalSub { sub, conn }, &node("n"), AT);
         }
-        let run = [
-            msg(next(1), "e", "1"),
-            msg(next(2), "e", "2"),
-            msg(next(3), "e", "3"),
-        ];
+        let run = run_of(&[(1, "1"), (2, "2"), (3, "3")]);
         assert!(matches!(
             index.deliver("t", &run, &metrics),
             Delivered::Queued(6)
@@ -629,11 +638,7 @@ mod tests {
             );
         }
         // A duplicate is skipped, the next message queued, and the jump after it is a gap.
-        let run = [
-            msg(next(3), "e", "3"),
-            msg(next(4), "e", "4"),
-            msg(next(6), "e", "6"),
-        ];
+        let run = run_of(&[(3, "3"), (4, "4"), (6, "6")]);
         match index.deliver("t", &run, &metrics) {
             Delivered::Gap(at, _, subs) => assert_eq!((at, subs.len()), (next(6), 2)),
             other => panic!("offset 5 was skipped: {other:?}"),
@@ -651,23 +656,11 @@ mod tests {
             conn: conn.clone(),
         };
         index.insert_if_open("t", GroupKey::new(Vsn::V2, None), sub, &node("n"), AT);
-        let run = [
-            msg(next(1), "e", "1"),
-            msg(next(2), "e", "2"),
-            msg(next(3), "e", "3"),
-        ];
+        let run = run_of(&[(1, "1"), (2, "2"), (3, "3")]);
         assert!(matches!(
             index.deliver("t", &run, &metrics),
             Delivered::Queued(0)
         ));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(1), conn.cut_requested())
-                .await
-                .expect("a run larger than the inbox cuts the connection");
-        });
+        assert_cut(&conn, "a run larger than the inbox cuts the connection");
     }
 }
