@@ -19,7 +19,7 @@ pub struct Config {
     pub max_connections: usize,
     /// Channels (joined topics) per connection at most.
     pub max_channels: usize,
-    /// Events queued per connection before it is cut as a slow consumer (close 1013).
+    /// Frames queued per connection before it is cut as a slow consumer (close 1013).
     pub client_queue: usize,
     /// Largest websocket message (and frame) accepted from a client.
     pub max_frame_bytes: usize,
