@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
-use ringcast_proto::{Down, DownBatch, TopicServerClient, Up, UpBatch, down};
+use ringcast_proto::{Delivery, Down, DownBatch, TopicServerClient, Up, UpBatch, down};
 use ringcast_ring::Ring;
 use ringcast_topic_server::TopicService;
 use std::collections::HashMap;
@@ -613,26 +613,29 @@ impl UpstreamLink {
             {
                 run.push(next);
             }
-            Metrics::add(&self.ctx.metrics.deliveries_in, run.len() as u64);
-            self.deliver(
-                &topic,
-                run.iter().map(|d| {
-                    let at = Position {
-                        epoch: d.epoch,
-                        offset: d.offset,
-                    };
-                    (at, d.event.as_str(), &d.payload[..])
-                }),
-            );
+            self.deliver_run(&topic, &run);
         }
+    }
+
+    /// Delivers deliveries of `topic` as they came from the topic server.
+    fn deliver_run(&self, topic: &str, run: &[Delivery]) {
+        Metrics::add(&self.ctx.metrics.deliveries_in, run.len() as u64);
+        self.deliver(
+            topic,
+            run.iter().map(|d| {
+                let at = Position {
+                    epoch: d.epoch,
+                    offset: d.offset,
+                };
+                (at, d.event.as_str(), &d.payload[..])
+            }),
+        );
     }
 
     fn apply(&self, item: Down) {
         let Some(kind) = item.kind else { return };
         match kind {
-            down::Kind::Delivery(d) => self.apply_batch(vec![Down {
-                kind: Some(down::Kind::Delivery(d)),
-            }]),
+            down::Kind::Delivery(d) => self.deliver_run(&d.topic, std::slice::from_ref(&d)),
             down::Kind::Replay(r) => {
                 let replayed = Replayed {
                     offset: r.offset,
