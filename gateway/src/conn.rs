@@ -3,7 +3,7 @@
 //! Upstream links and the local index push into the inbox without waiting; a full inbox
 //! means the client reads too slowly, and the connection is cut (close 1013), never waited on.
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -14,10 +14,11 @@ use tokio_util::sync::CancellationToken;
 /// What the connection's task is told by the rest of the gateway, in order.
 #[derive(Debug)]
 pub enum ConnEvent {
-    /// An encoded frame to write as is: a delivery or a reply (bytes shared with others).
-    Frame(Utf8Bytes),
-    /// Several deliveries in order, shared by every subscriber of a group.
-    Frames(Arc<[Utf8Bytes]>),
+    /// A websocket frame to write as is ([`crate::ws::text_frame`]): a delivery or a reply
+    /// (bytes shared with others).
+    Frame(Bytes),
+    /// Several deliveries in order, framed, shared by every subscriber of a group.
+    Frames(Arc<[Bytes]>),
     /// News about one of the connection's channels, boxed so that the queue's slots (32
     /// allocated per idle connection) stay small.
     Channel(Box<ChannelEvent>),

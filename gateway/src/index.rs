@@ -12,7 +12,8 @@
 use crate::codec::{DeliveryFrame, Vsn};
 use crate::conn::{ConnEvent, ConnHandle};
 use crate::metrics::Metrics;
-use axum::extract::ws::Utf8Bytes;
+use crate::ws;
+use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
@@ -71,8 +72,8 @@ pub enum Delivered {
 
 /// A group's encoded frames for one run.
 enum Frames {
-    One(Utf8Bytes),
-    Many(Arc<[Utf8Bytes]>),
+    One(Bytes),
+    Many(Arc<[Bytes]>),
 }
 
 impl Frames {
@@ -320,7 +321,7 @@ impl LocalIndex {
         for (key, group) in &subs.groups {
             let mut encoded = frames
                 .iter()
-                .map(|f| Utf8Bytes::from(f.encode(key.vsn, key.join_ref.as_deref())));
+                .map(|f| ws::text_frame(&f.encode(key.vsn, key.join_ref.as_deref())));
             Metrics::add(&metrics.encodes, frames.len() as u64);
             // One message: the bytes themselves; more: one shared slice of them, so that a
             // subscriber costs one inbox push per run rather than one per message.
@@ -423,8 +424,10 @@ mod tests {
         let mut out = Vec::new();
         for event in inbox.drain() {
             match event {
-                ConnEvent::Frame(b) => out.push(b.as_str().to_owned()),
-                ConnEvent::Frames(all) => out.extend(all.iter().map(|b| b.as_str().to_owned())),
+                ConnEvent::Frame(b) => out.push(ws::frame_text(&b).to_owned()),
+                ConnEvent::Frames(all) => {
+                    out.extend(all.iter().map(|b| ws::frame_text(b).to_owned()))
+                }
                 ConnEvent::Channel(_) => {}
             }
         }
@@ -631,7 +634,7 @@ mod tests {
             let ConnEvent::Frames(all) = &events[0] else {
                 panic!("{events:?}")
             };
-            let texts: Vec<&str> = all.iter().map(|f| f.as_str()).collect();
+            let texts: Vec<&str> = all.iter().map(|f| ws::frame_text(f)).collect();
             assert_eq!(
                 texts,
                 [1, 2, 3].map(|n| format!(r#"["1",null,"t","e",{n}]"#))

@@ -15,6 +15,7 @@ pub mod routing;
 pub mod server;
 pub mod session;
 pub mod upstream;
+pub mod ws;
 
 pub use config::Config;
 pub use server::run;

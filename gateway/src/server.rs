@@ -10,14 +10,15 @@ use crate::index::LocalIndex;
 use crate::metrics::Metrics;
 use crate::routing::{LinkFactory, RingRouting, Routing};
 use crate::upstream::{Connector, LinkContext, UpstreamLink};
-use crate::{Gateway, rebalance, session};
+use crate::{Gateway, rebalance, session, ws};
 use arc_swap::ArcSwap;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use ringcast_ring::watcher;
 use ringcast_topic_server::{Ownership, ServiceLimits, TopicService};
 use serde_json::json;
@@ -26,6 +27,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -167,39 +170,50 @@ pub async fn run(
 async fn websocket(
     State(state): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Response {
     let vsn = match Vsn::from_query(params.get("vsn").map(String::as_str)) {
         Ok(vsn) => vsn,
         Err(reason) => return (StatusCode::FORBIDDEN, reason).into_response(),
     };
-    let upgrade = match upgrade {
-        Ok(upgrade) => upgrade,
+    let handshake = match ws::Handshake::check(request.headers(), &["phoenix"]) {
+        Ok(handshake) => handshake,
         Err(rejection) => return rejection.into_response(),
+    };
+    let Some(on_upgrade) = request.extensions_mut().remove::<OnUpgrade>() else {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            "this connection cannot be upgraded (HTTP/1.1 upgrade only)",
+        )
+            .into_response();
     };
     let Ok(permit) = state.connections.clone().try_acquire_owned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
     };
     let gateway = state.gateway.clone();
     let max = gateway.config.max_frame_bytes;
-    let tracker = state.tracker.clone();
-    upgrade
-        .protocols(["phoenix"])
+    let config = WebSocketConfig::default()
         .read_buffer_size(1024)
-        .write_buffer_size(16 * 1024)
+        .write_buffer_size(0)
         .max_write_buffer_size(16 * 1024 * 1024)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| {
-            tracker.track_future(async move {
-                let metrics = gateway.metrics.clone();
-                metrics.connections.fetch_add(1, Relaxed);
-                Metrics::inc(&metrics.connections_total);
-                session::serve(socket, vsn, gateway).await;
-                metrics.connections.fetch_sub(1, Relaxed);
-                drop(permit);
-            })
-        })
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    tokio::spawn(state.tracker.track_future(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => return tracing::debug!(error = %e, "websocket upgrade failed"),
+        };
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        let metrics = gateway.metrics.clone();
+        metrics.connections.fetch_add(1, Relaxed);
+        Metrics::inc(&metrics.connections_total);
+        session::serve(socket, vsn, gateway).await;
+        metrics.connections.fetch_sub(1, Relaxed);
+        drop(permit);
+    }));
+    handshake.response()
 }
 
 async fn status(State(state): State<AppState>) -> impl IntoResponse {

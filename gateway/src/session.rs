@@ -2,23 +2,32 @@
 //!
 //! `Session` holds the connection's channels and turns client frames and upstream events
 //! into replies and upstream requests (no IO of its own); `serve` is the connection's one
-//! task: it reads frames, drains the inbox, and writes everything queued in one flush.
+//! task: it reads frames, drains the inbox, and writes everything queued with `writev`.
 
 use crate::codec::{self, InFrame, Vsn};
 use crate::conn::{ChannelEvent, ConnEvent, ConnHandle, Cut};
 use crate::index::GroupKey;
 use crate::metrics::Metrics;
 use crate::upstream::{Pending, ReplyTo};
+use crate::ws::Outbox;
 use crate::{Gateway, rebalance};
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures::SinkExt;
+use futures::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use ringcast_proto::Position;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// A client's websocket: tungstenite reads it, the connection writes its own frames.
+pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Inbox events handled per wake-up at most (then the socket is written).
 const INBOX_BATCH: usize = 256;
@@ -259,16 +268,15 @@ impl Session {
     }
 
     /// Applies one inbox event.
-    pub fn on_event(&mut self, event: ConnEvent, out: &mut Vec<Message>) {
+    pub fn on_event(&mut self, event: ConnEvent, out: &mut Outbox) {
         match event {
-            ConnEvent::Frame(bytes) => out.push(Message::Text(bytes)),
-            ConnEvent::Frames(frames) => out.extend(frames.iter().cloned().map(Message::Text)),
+            ConnEvent::Frame(frame) => out.push(frame),
+            ConnEvent::Frames(frames) => out.push_run(frames),
             ConnEvent::Channel(event) => self.on_channel_event(*event, out),
         }
     }
 
-    fn on_channel_event(&mut self, event: ChannelEvent, out: &mut Vec<Message>) {
-        let text = |s: String| Message::Text(Utf8Bytes::from(s));
+    fn on_channel_event(&mut self, event: ChannelEvent, out: &mut Outbox) {
         match event {
             ChannelEvent::Joined {
                 topic,
@@ -301,25 +309,21 @@ impl Session {
                     (None, _) => codec::position(epoch, offset, None),
                 };
                 let join_ref = channel.join_ref.clone();
-                out.push(text(codec::reply(
+                out.push_text(codec::reply(
                     self.vsn,
                     join_ref.as_deref(),
                     msg_ref.as_deref(),
                     &topic,
                     "ok",
                     &response,
-                )));
+                ));
                 for m in replay.into_iter().flatten() {
                     let payload = std::str::from_utf8(&m.payload).unwrap_or_default();
                     let frame = codec::DeliveryFrame::new(&topic, &m.event, payload);
-                    out.push(text(frame.encode(self.vsn, join_ref.as_deref())));
+                    out.push_text(frame.encode(self.vsn, join_ref.as_deref()));
                 }
                 if let Some(old) = channel.replaces.take() {
-                    out.push(text(codec::close(
-                        self.vsn,
-                        old.join_ref.as_deref(),
-                        &topic,
-                    )));
+                    out.push_text(codec::close(self.vsn, old.join_ref.as_deref(), &topic));
                     self.release(&topic, &old);
                 }
             }
@@ -336,14 +340,10 @@ impl Session {
                         &topic,
                         &reason,
                     );
-                    out.push(text(reply));
+                    out.push_text(reply);
                 }
                 if let Some(old) = channel.replaces {
-                    out.push(text(codec::close(
-                        self.vsn,
-                        old.join_ref.as_deref(),
-                        &topic,
-                    )));
+                    out.push_text(codec::close(self.vsn, old.join_ref.as_deref(), &topic));
                     self.release(&topic, &old);
                 }
             }
@@ -359,12 +359,12 @@ impl Session {
                     return;
                 }
                 let channel = self.channels.remove(&topic).expect("checked above");
-                out.push(text(codec::channel_error(
+                out.push_text(codec::channel_error(
                     self.vsn,
                     channel.join_ref.as_deref(),
                     &topic,
                     reason,
-                )));
+                ));
             }
         }
     }
@@ -423,7 +423,7 @@ fn parse_recover(payload: &str) -> Result<Option<Position>, &'static str> {
 }
 
 /// Runs one websocket connection until the client leaves, is cut, or the gateway stops.
-pub async fn serve(mut socket: WebSocket, vsn: Vsn, gateway: Arc<Gateway>) {
+pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
     let id = gateway.next_conn.fetch_add(1, Relaxed);
     let (conn, mut inbox) = ConnHandle::new(id, gateway.config.client_queue, &gateway.shutdown);
     let mut session = Session::new(vsn, conn.clone(), gateway.clone());
@@ -431,7 +431,9 @@ pub async fn serve(mut socket: WebSocket, vsn: Vsn, gateway: Arc<Gateway>) {
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
     let mut replies: Vec<String> = Vec::new();
-    let mut out: Vec<Message> = Vec::new();
+    let mut out = Outbox::default();
+    // tungstenite may hold a pong (it answers pings itself) to write before our frames.
+    let mut pong_queued = false;
     let mut events = Vec::new(); // grows on demand: idle connections keep it empty
     // Created once: polled on every wake-up, they must not re-register each time.
     let cut = conn.cut_requested();
@@ -442,19 +444,25 @@ pub async fn serve(mut socket: WebSocket, vsn: Vsn, gateway: Arc<Gateway>) {
             biased;
             reason = &mut cut => break Some(close_for(reason, &gateway.metrics)),
             _ = &mut idle => break Some((close::GOING_AWAY, "idle timeout")),
-            message = socket.recv() => {
+            message = socket.next() => {
                 idle.as_mut().reset(Instant::now() + idle_timeout);
                 let flood = match message {
                     Some(Ok(Message::Text(text))) => session.on_text(text.as_str(), &mut replies),
                     Some(Ok(Message::Binary(_))) => session.count_malformed(),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => false,
+                    Some(Ok(Message::Ping(_))) => {
+                        pong_queued = true;
+                        false
+                    }
+                    Some(Ok(Message::Pong(_) | Message::Frame(_))) => false,
                     Some(Ok(Message::Close(_))) | None => break None,
                     Some(Err(e)) => break read_error(e),
                 };
                 if flood {
                     break Some((close::POLICY, "too many malformed frames"));
                 }
-                out.extend(replies.drain(..).map(|s| Message::Text(Utf8Bytes::from(s))));
+                for reply in replies.drain(..) {
+                    out.push_text(reply);
+                }
             }
             n = inbox.recv_many(&mut events, INBOX_BATCH) => {
                 if n == 0 {
@@ -465,14 +473,15 @@ pub async fn serve(mut socket: WebSocket, vsn: Vsn, gateway: Arc<Gateway>) {
                 }
             }
         }
-        if !out.is_empty() {
-            let written = tokio::select! {
-                written = write_all(&mut socket, &mut out) => written,
-                reason = &mut cut => break Some(close_for(reason, &gateway.metrics)),
-            };
-            if written.is_err() {
-                break None;
-            }
+        if out.is_empty() {
+            continue;
+        }
+        let written = tokio::select! {
+            written = write_out(&mut socket, &mut out, &mut pong_queued) => written,
+            reason = &mut cut => break Some(close_for(reason, &gateway.metrics)),
+        };
+        if written.is_err() {
+            break None;
         }
     };
 
@@ -483,11 +492,29 @@ pub async fn serve(mut socket: WebSocket, vsn: Vsn, gateway: Arc<Gateway>) {
     if let Some((code, reason)) = close {
         tracing::debug!(conn = id, code, reason, "closing connection");
         let frame = Message::Close(Some(CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
+            code: code.into(),
+            reason: reason.into(),
         }));
-        let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(frame)).await;
+        // What was queued goes first (a frame cut in the middle must be finished anyway).
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            write_out(&mut socket, &mut out, &mut pong_queued).await?;
+            socket.send(frame).await.map_err(std::io::Error::other)
+        })
+        .await;
     }
+}
+
+/// Writes the outbox, after anything tungstenite holds (a pong) so frames never interleave.
+async fn write_out(
+    socket: &mut Socket,
+    out: &mut Outbox,
+    pong_queued: &mut bool,
+) -> std::io::Result<()> {
+    if *pong_queued {
+        socket.flush().await.map_err(std::io::Error::other)?;
+        *pong_queued = false;
+    }
+    std::future::poll_fn(|cx| out.poll_write(cx, Pin::new(socket.get_mut()))).await
 }
 
 /// The close code and reason for a connection the gateway cuts.
@@ -501,19 +528,10 @@ fn close_for(cut: Cut, metrics: &Metrics) -> (u16, &'static str) {
     }
 }
 
-/// Feeds every queued message and flushes once.
-async fn write_all(socket: &mut WebSocket, out: &mut Vec<Message>) -> Result<(), axum::Error> {
-    for message in out.drain(..) {
-        socket.feed(message).await?;
-    }
-    socket.flush().await
-}
-
 /// Maps a read error to a close: an oversized message gets 1009, anything else just ends.
-fn read_error(e: axum::Error) -> Option<(u16, &'static str)> {
-    use tokio_tungstenite::tungstenite::Error;
-    match e.into_inner().downcast_ref::<Error>() {
-        Some(Error::Capacity(_)) => Some((close::TOO_BIG, "message too big")),
+fn read_error(e: WsError) -> Option<(u16, &'static str)> {
+    match e {
+        WsError::Capacity(_) => Some((close::TOO_BIG, "message too big")),
         _ => None,
     }
 }

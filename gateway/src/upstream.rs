@@ -125,7 +125,8 @@ impl ReplyTo {
             "ok",
             &codec::position(at.epoch, at.offset, None),
         );
-        self.conn.send(ConnEvent::Frame(frame.into()));
+        self.conn
+            .send(ConnEvent::Frame(crate::ws::text_frame(&frame)));
     }
 
     pub fn error(&self, reason: &str) {
@@ -136,7 +137,8 @@ impl ReplyTo {
             &self.topic,
             reason,
         );
-        self.conn.send(ConnEvent::Frame(frame.into()));
+        self.conn
+            .send(ConnEvent::Frame(crate::ws::text_frame(&frame)));
     }
 }
 
