@@ -1,9 +1,10 @@
 //! ringcast gateway: Phoenix Channels over websocket, each topic routed to its owner.
 //!
-//! `codec` is the pure wire format; `session` runs one connection; `index` is the local
-//! `topic -> subscribers` fan-out; `upstream` keeps one stream per topic server; `routing`
-//! picks the link by the ring; `rebalance` follows ring edits; `server` puts it all on the network; `config` reads the
-//! environment.
+//! `codec` is the pure wire format; `ws` the websocket upgrade and the frames the gateway
+//! writes; `session` runs one connection; `index` is the local `topic -> subscribers`
+//! fan-out; `upstream` keeps one stream per topic server; `routing` picks the link by the
+//! ring; `rebalance` follows ring edits; `server` puts it all on the network; `config` reads
+//! the environment.
 
 pub mod codec;
 pub mod config;

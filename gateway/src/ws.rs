@@ -62,7 +62,8 @@ pub struct Handshake {
 impl Handshake {
     /// Checks an upgrade request's headers; `protocols` are the subprotocols the server
     /// speaks, the first one the client offers is selected. A bad request gets the
-    /// status and reason to answer with.
+    /// status and reason to answer with, as axum's extractor answers: 426 for a request
+    /// that does not ask for an upgrade, 400 for a malformed one.
     pub fn check(
         headers: &HeaderMap,
         protocols: &[&'static str],
@@ -76,7 +77,7 @@ impl Handshake {
         };
         if !has_token(header::CONNECTION, "upgrade") {
             return Err((
-                StatusCode::BAD_REQUEST,
+                StatusCode::UPGRADE_REQUIRED,
                 "Connection header did not include 'upgrade'",
             ));
         }
@@ -404,7 +405,11 @@ mod tests {
                 .map(|(_, pair)| *pair)
                 .collect();
             let (status, reason) = Handshake::check(&headers(&partial), &[]).unwrap_err();
-            assert_eq!(status, StatusCode::BAD_REQUEST);
+            let expected = match *missing {
+                "connection" => StatusCode::UPGRADE_REQUIRED,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            assert_eq!(status, expected);
             let name = missing.replace("sec-websocket-", "Sec-WebSocket-");
             assert!(
                 reason.to_lowercase().contains(&name.to_lowercase()),

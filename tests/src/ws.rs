@@ -37,6 +37,23 @@ impl WsClient {
             .expect("send frame");
     }
 
+    /// Sends a websocket ping (the server answers with a pong of the same data).
+    pub async fn send_ping(&mut self, data: &'static [u8]) {
+        self.ws
+            .send(Message::Ping(data.into()))
+            .await
+            .expect("send ping");
+    }
+
+    /// The next websocket message of any kind, failing the test after the event timeout.
+    pub async fn recv_message(&mut self) -> Message {
+        tokio::time::timeout(EVENT_TIMEOUT, self.ws.next())
+            .await
+            .expect("timed out waiting for a message")
+            .expect("connection ended while waiting for a message")
+            .expect("read message")
+    }
+
     pub async fn send_json(&mut self, value: Value) {
         self.send_text(value.to_string()).await;
     }

@@ -275,6 +275,56 @@ async fn unknown_serializer_versions_get_403() {
 }
 
 #[tokio::test]
+async fn a_request_without_upgrade_gets_426() {
+    let gw = start_embedded_gateway(&[]).await;
+    let response = reqwest::get(format!("http://{}/socket/websocket?vsn=2.0.0", gw.addr))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 426);
+    assert!(response.text().await.unwrap().contains("upgrade"));
+}
+
+/// The gateway writes deliveries itself and leaves pongs to tungstenite: every ping is
+/// answered, with its data, and no frame is cut by one.
+#[tokio::test]
+async fn pings_are_answered_between_deliveries() {
+    use tokio_tungstenite::tungstenite::Message;
+    let gw = start_embedded_gateway(&[]).await;
+    let url = ringcast_tests::cluster::ws_url(gw.addr);
+    let (mut a, mut b) = (WsClient::connect(&url).await, WsClient::connect(&url).await);
+    a.join_ok("room:ping", "1").await;
+    b.join_ok("room:ping", "1").await;
+    const MESSAGES: usize = 300;
+    for n in 0..MESSAGES {
+        b.send_text(format!(r#"["1","{n}","room:ping","e",{{"n":{n}}}]"#))
+            .await;
+    }
+    let (mut next, mut pings, mut pongs) = (0, 0, 0);
+    while next < MESSAGES || pongs < pings {
+        if next % 25 == 0 && pings * 25 <= next && next < MESSAGES {
+            a.send_ping(b"are you there").await;
+            pings += 1;
+        }
+        match a.recv_message().await {
+            Message::Text(text) => {
+                assert_eq!(
+                    text.as_str(),
+                    format!(r#"["1",null,"room:ping","e",{{"n":{next}}}]"#)
+                );
+                next += 1;
+            }
+            Message::Pong(data) => {
+                assert_eq!(&data[..], b"are you there");
+                pongs += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((next, pongs), (MESSAGES, pings));
+    assert!(pings >= 10, "{pings} pings");
+}
+
+#[tokio::test]
 async fn the_phoenix_subprotocol_is_selected() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let gw = start_embedded_gateway(&[]).await;
