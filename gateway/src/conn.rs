@@ -2,14 +2,15 @@
 //!
 //! Upstream links and the local index push into the inbox without waiting; a full inbox
 //! means the client reads too slowly, and the connection is cut (close 1013), never waited on.
+//! A cut is a flag and a wake-up through the inbox, so the connection's task checks it with
+//! one load per wake-up; [`Registry`] cuts every connection when the gateway shuts down.
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::OnceLock;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 /// What the connection's task is told by the rest of the gateway, in order.
 #[derive(Debug)]
@@ -99,10 +100,11 @@ struct Inner {
     id: u64,
     capacity: usize,
     queue: Mutex<Queue>,
-    /// Wakes the connection's task when its queue goes from empty to non-empty.
+    /// Wakes the connection's task when its queue goes from empty to non-empty, or when it
+    /// is cut.
     ready: Notify,
-    cut: CancellationToken,
-    reason: OnceLock<Cut>,
+    /// Set once, when the connection is cut.
+    cut: OnceLock<Cut>,
 }
 
 /// Cheap handle to a connection's inbox.
@@ -114,15 +116,13 @@ pub struct ConnHandle(Arc<Inner>);
 pub struct Inbox(Arc<Inner>);
 
 impl ConnHandle {
-    /// A connection that is also cut when `shutdown` is cancelled.
-    pub fn new(id: u64, capacity: usize, shutdown: &CancellationToken) -> (ConnHandle, Inbox) {
+    pub fn new(id: u64, capacity: usize) -> (ConnHandle, Inbox) {
         let inner = Arc::new(Inner {
             id,
             capacity: capacity.max(1),
             queue: Mutex::new(Queue::default()),
             ready: Notify::new(),
-            cut: shutdown.child_token(),
-            reason: OnceLock::new(),
+            cut: OnceLock::new(),
         });
         (ConnHandle(inner.clone()), Inbox(inner))
     }
@@ -160,39 +160,55 @@ impl ConnHandle {
         self.0.queue.lock().closed
     }
 
+    /// Cuts the connection (the first reason given is kept) and wakes its task.
     pub fn cut(&self, reason: Cut) {
-        let _ = self.0.reason.set(reason);
-        self.0.cut.cancel();
+        if self.0.cut.set(reason).is_ok() {
+            self.0.ready.notify_one();
+        }
     }
 
-    /// Resolves when the connection has been cut (or the gateway is shutting down). Create
-    /// it once per connection and keep it pinned: it registers its waker only once.
+    /// Why the connection was cut, if it was.
+    pub fn cut_reason(&self) -> Option<Cut> {
+        self.0.cut.get().copied()
+    }
+
+    /// Resolves when the connection has been cut. May take a wake-up meant for the inbox,
+    /// which is harmless: [`Inbox::recv_many`] looks at the queue before it waits.
     pub async fn cut_requested(&self) -> Cut {
-        self.0.cut.cancelled().await;
-        *self.0.reason.get().unwrap_or(&Cut::Shutdown)
+        loop {
+            if let Some(reason) = self.cut_reason() {
+                return reason;
+            }
+            self.0.ready.notified().await;
+        }
     }
 }
 
 impl Inbox {
-    /// Waits for events and moves up to `limit` of them into `buffer`; returns how many.
-    /// Cancel-safe: events are only taken in the same poll that returns them.
+    /// Waits for events and moves up to `limit` of them into `buffer`; returns how many,
+    /// 0 when the connection has been cut. Cancel-safe: events are only taken in the same
+    /// poll that returns them.
     pub async fn recv_many(&mut self, buffer: &mut Vec<ConnEvent>, limit: usize) -> usize {
         loop {
-            {
-                let mut guard = self.0.queue.lock();
-                let queue = &mut *guard;
-                if !queue.events.is_empty() {
-                    let n = queue.events.len().min(limit.max(1));
-                    for event in queue.events.drain(..n) {
-                        queue.frames -= event.frames();
-                        buffer.push(event);
-                    }
-                    return n;
-                }
+            let n = self.try_recv_many(buffer, limit);
+            if n > 0 || self.0.cut.get().is_some() {
+                return n;
             }
-            // A push between the check and here leaves a permit: this returns at once.
+            // A push or a cut between the check and here leaves a permit: this returns at once.
             self.0.ready.notified().await;
         }
+    }
+
+    /// Moves up to `limit` queued events into `buffer` without waiting; returns how many.
+    pub fn try_recv_many(&mut self, buffer: &mut Vec<ConnEvent>, limit: usize) -> usize {
+        let mut guard = self.0.queue.lock();
+        let queue = &mut *guard;
+        let n = queue.events.len().min(limit.max(1));
+        for event in queue.events.drain(..n) {
+            queue.frames -= event.frames();
+            buffer.push(event);
+        }
+        n
     }
 
     /// Stops taking events and drops what is queued.
@@ -214,5 +230,77 @@ impl Inbox {
 impl Drop for Inbox {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// The gateway's open connections, so that shutdown can cut them all (1012).
+#[derive(Debug)]
+pub struct Registry(Mutex<Option<HashMap<u64, ConnHandle>>>);
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry(Mutex::new(Some(HashMap::new())))
+    }
+}
+
+impl Registry {
+    /// Adds a connection; once the gateway is shutting down, cuts it instead.
+    pub fn register(&self, conn: &ConnHandle) {
+        match &mut *self.0.lock() {
+            Some(conns) => {
+                conns.insert(conn.id(), conn.clone());
+            }
+            None => conn.cut(Cut::Shutdown),
+        }
+    }
+
+    pub fn deregister(&self, id: u64) {
+        if let Some(conns) = &mut *self.0.lock() {
+            conns.remove(&id);
+        }
+    }
+
+    /// Cuts every connection, and every one registered from now on.
+    pub fn shut_down(&self) {
+        let conns = self.0.lock().take().unwrap_or_default();
+        for conn in conns.values() {
+            conn.cut(Cut::Shutdown);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cut_wakes_a_waiting_inbox_and_keeps_the_first_reason() {
+        let (conn, mut inbox) = ConnHandle::new(1, 4);
+        let waiting = tokio::spawn(async move {
+            let mut events = Vec::new();
+            inbox.recv_many(&mut events, 8).await
+        });
+        tokio::task::yield_now().await;
+        conn.cut(Cut::SlowConsumer);
+        conn.cut(Cut::Shutdown);
+        assert_eq!(waiting.await.unwrap(), 0);
+        assert_eq!(conn.cut_reason(), Some(Cut::SlowConsumer));
+        assert_eq!(conn.cut_requested().await, Cut::SlowConsumer);
+    }
+
+    #[test]
+    fn shutdown_cuts_registered_connections_and_later_ones() {
+        let registry = Registry::default();
+        let (a, _a_inbox) = ConnHandle::new(1, 4);
+        let (b, _b_inbox) = ConnHandle::new(2, 4);
+        registry.register(&a);
+        registry.register(&b);
+        registry.deregister(2);
+        registry.shut_down();
+        assert_eq!(a.cut_reason(), Some(Cut::Shutdown));
+        assert_eq!(b.cut_reason(), None, "deregistered before shutdown");
+        let (c, _c_inbox) = ConnHandle::new(3, 4);
+        registry.register(&c);
+        assert_eq!(c.cut_reason(), Some(Cut::Shutdown));
     }
 }

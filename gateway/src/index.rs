@@ -440,7 +440,7 @@ mod tests {
         let metrics = Metrics::default();
         let mut receivers = Vec::new();
         for i in 0..10u64 {
-            let (conn, rx) = ConnHandle::new(i, 8, &Default::default());
+            let (conn, rx) = ConnHandle::new(i, 8);
             let join_ref: Arc<str> = if i % 2 == 0 {
                 "\"1\"".into()
             } else {
@@ -475,7 +475,7 @@ mod tests {
     #[test]
     fn closed_connections_and_stale_nodes_are_never_indexed() {
         let index = LocalIndex::default();
-        let (conn, rx) = ConnHandle::new(1, 8, &Default::default());
+        let (conn, rx) = ConnHandle::new(1, 8);
         let key = GroupKey::new(Vsn::V2, None);
         let entry = LocalSub {
             sub: 1,
@@ -505,7 +505,7 @@ mod tests {
     #[test]
     fn feeds_move_between_nodes_as_a_whole() {
         let index = LocalIndex::default();
-        let (conn, _rx) = ConnHandle::new(1, 8, &Default::default());
+        let (conn, _rx) = ConnHandle::new(1, 8);
         let key = GroupKey::new(Vsn::V2, None);
         for (sub, topic, at) in [(1, "a", "x"), (2, "b", "y"), (3, "a", "x")] {
             let entry = LocalSub {
@@ -529,8 +529,8 @@ mod tests {
     fn a_full_inbox_cuts_only_that_connection() {
         let index = LocalIndex::default();
         let metrics = Metrics::default();
-        let (slow, _slow_rx) = ConnHandle::new(1, 1, &Default::default());
-        let (fast, mut fast_rx) = ConnHandle::new(2, 16, &Default::default());
+        let (slow, _slow_rx) = ConnHandle::new(1, 1);
+        let (fast, mut fast_rx) = ConnHandle::new(2, 16);
         let key = GroupKey::new(Vsn::V2, None);
         let n = node("n");
         index.insert_if_open(
@@ -555,7 +555,7 @@ mod tests {
     fn duplicates_are_dropped_and_a_jump_or_a_new_epoch_is_a_gap() {
         let index = LocalIndex::default();
         let metrics = Metrics::default();
-        let (conn, mut rx) = ConnHandle::new(1, 16, &Default::default());
+        let (conn, mut rx) = ConnHandle::new(1, 16);
         let add = |topic: &str, sub| {
             let entry = LocalSub {
                 sub,
@@ -613,8 +613,8 @@ mod tests {
     fn a_run_is_one_inbox_event_per_subscriber_and_stops_at_a_gap() {
         let index = LocalIndex::default();
         let metrics = Metrics::default();
-        let (a, mut a_rx) = ConnHandle::new(1, 16, &Default::default());
-        let (b, mut b_rx) = ConnHandle::new(2, 16, &Default::default());
+        let (a, mut a_rx) = ConnHandle::new(1, 16);
+        let (b, mut b_rx) = ConnHandle::new(2, 16);
         let key = GroupKey::new(Vsn::V2, Some("\"1\"".into()));
         for (sub, conn) in [(1, a), (2, b)] {
             index.insert_if_open("t", key.clone(), LocalSub { sub, conn }, &node("n"), AT);
@@ -653,7 +653,7 @@ mod tests {
     fn the_inbox_bound_counts_frames_not_events() {
         let index = LocalIndex::default();
         let metrics = Metrics::default();
-        let (conn, _rx) = ConnHandle::new(1, 2, &Default::default());
+        let (conn, _rx) = ConnHandle::new(1, 2);
         let sub = LocalSub {
             sub: 1,
             conn: conn.clone(),

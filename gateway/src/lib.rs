@@ -40,6 +40,8 @@ pub struct Gateway {
     pub moves: parking_lot::Mutex<std::collections::HashSet<String>>,
     pub next_sub: AtomicU64,
     pub next_conn: AtomicU64,
-    /// Cancelled when the gateway shuts down: connections close with 1012.
+    /// Cancelled when the gateway shuts down.
     pub shutdown: CancellationToken,
+    /// Open connections, cut (1012) at shutdown.
+    pub conns: conn::Registry,
 }

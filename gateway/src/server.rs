@@ -116,8 +116,16 @@ pub async fn run(
         next_sub: AtomicU64::new(1),
         next_conn: AtomicU64::new(1),
         shutdown: shutdown.clone(),
+        conns: Default::default(),
     });
     let _ = link_context.gateway.set(Arc::downgrade(&gateway));
+    {
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            gateway.shutdown.cancelled().await;
+            gateway.conns.shut_down();
+        });
+    }
     if let Some(watch) = &gateway.ring_watch {
         tokio::spawn(rebalance::follow(gateway.clone(), watch.ring.clone()));
     }

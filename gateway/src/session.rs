@@ -17,9 +17,11 @@ use hyper_util::rt::TokioIo;
 use ringcast_proto::Position;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -31,6 +33,18 @@ pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Inbox events handled per wake-up at most (then the socket is written).
 const INBOX_BATCH: usize = 256;
+/// The inbox is polled first: a wake-up for a delivery takes it without touching the socket
+/// or the idle timer (their wakers stay registered from the last poll that reached them).
+/// After this many inbox turns in a row the socket is read first once, so that a busy
+/// connection still reads its client's frames.
+const INBOX_TURNS: u32 = 8;
+
+/// What woke a connection's task.
+enum Step {
+    Inbox,
+    Idle,
+    Read(Option<Result<Message, WsError>>),
+}
 /// Window over which malformed frames are counted.
 const MALFORMED_WINDOW: Duration = Duration::from_secs(10);
 
@@ -425,7 +439,8 @@ fn parse_recover(payload: &str) -> Result<Option<Position>, &'static str> {
 /// Runs one websocket connection until the client leaves, is cut, or the gateway stops.
 pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
     let id = gateway.next_conn.fetch_add(1, Relaxed);
-    let (conn, mut inbox) = ConnHandle::new(id, gateway.config.client_queue, &gateway.shutdown);
+    let (conn, mut inbox) = ConnHandle::new(id, gateway.config.client_queue);
+    gateway.conns.register(&conn);
     let mut session = Session::new(vsn, conn.clone(), gateway.clone());
     let idle_timeout = gateway.config.idle_timeout;
     let idle = tokio::time::sleep(idle_timeout);
@@ -435,16 +450,36 @@ pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
     // tungstenite may hold a pong (it answers pings itself) to write before our frames.
     let mut pong_queued = false;
     let mut events = Vec::new(); // grows on demand: idle connections keep it empty
-    // Created once: polled on every wake-up, they must not re-register each time.
-    let cut = conn.cut_requested();
-    tokio::pin!(cut);
+    // Inbox turns in a row without a look at the socket (see INBOX_TURNS).
+    let mut inbox_turns = 0;
 
     let close: Option<(u16, &'static str)> = loop {
-        tokio::select! {
-            biased;
-            reason = &mut cut => break Some(close_for(reason, &gateway.metrics)),
-            _ = &mut idle => break Some((close::GOING_AWAY, "idle timeout")),
-            message = socket.next() => {
+        if let Some(reason) = conn.cut_reason() {
+            break Some(close_for(reason, &gateway.metrics));
+        }
+        let mut step = None;
+        if inbox_turns >= INBOX_TURNS {
+            inbox_turns = 0;
+            if let Poll::Ready(message) =
+                poll_fn(|cx| Poll::Ready(socket.poll_next_unpin(cx))).await
+            {
+                step = Some(Step::Read(message));
+            }
+        }
+        let step = match step {
+            Some(step) => step,
+            None => tokio::select! {
+                biased;
+                // 0: cut, seen at the top of the loop.
+                _ = inbox.recv_many(&mut events, INBOX_BATCH) => Step::Inbox,
+                _ = &mut idle => Step::Idle,
+                message = socket.next() => Step::Read(message),
+            },
+        };
+        match step {
+            Step::Inbox => inbox_turns += 1,
+            Step::Idle => break Some((close::GOING_AWAY, "idle timeout")),
+            Step::Read(message) => {
                 idle.as_mut().reset(Instant::now() + idle_timeout);
                 let flood = match message {
                     Some(Ok(Message::Text(text))) => session.on_text(text.as_str(), &mut replies),
@@ -464,21 +499,17 @@ pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
                     out.push_text(reply);
                 }
             }
-            n = inbox.recv_many(&mut events, INBOX_BATCH) => {
-                if n == 0 {
-                    break None;
-                }
-                for event in events.drain(..) {
-                    session.on_event(event, &mut out);
-                }
-            }
+        }
+        for event in events.drain(..) {
+            session.on_event(event, &mut out);
         }
         if out.is_empty() {
             continue;
         }
         let written = tokio::select! {
+            biased;
             written = write_out(&mut socket, &mut out, &mut pong_queued) => written,
-            reason = &mut cut => break Some(close_for(reason, &gateway.metrics)),
+            reason = conn.cut_requested() => break Some(close_for(reason, &gateway.metrics)),
         };
         if written.is_err() {
             break None;
@@ -488,6 +519,7 @@ pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
     // Stop taking events before releasing, so nothing new is indexed for this connection.
     inbox.close();
     drop(inbox);
+    gateway.conns.deregister(id);
     session.release_all();
     if let Some((code, reason)) = close {
         tracing::debug!(conn = id, code, reason, "closing connection");
@@ -514,7 +546,7 @@ async fn write_out(
         socket.flush().await.map_err(std::io::Error::other)?;
         *pong_queued = false;
     }
-    std::future::poll_fn(|cx| out.poll_write(cx, Pin::new(socket.get_mut()))).await
+    poll_fn(|cx| out.poll_write(cx, Pin::new(socket.get_mut()))).await
 }
 
 /// The close code and reason for a connection the gateway cuts.
