@@ -33,10 +33,12 @@ pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Inbox events handled per wake-up at most (then the socket is written).
 const INBOX_BATCH: usize = 256;
+/// Window over which malformed frames are counted.
+const MALFORMED_WINDOW: Duration = Duration::from_secs(10);
 /// The inbox is polled first: a wake-up for a delivery takes it without touching the socket
 /// or the idle timer (their wakers stay registered from the last poll that reached them).
-/// After this many inbox turns in a row the socket is read first once, so that a busy
-/// connection still reads its client's frames.
+/// After this many inbox turns in a row the idle timer and the socket are looked at first
+/// once, so that a busy connection still reads its client's frames and times out.
 const INBOX_TURNS: u32 = 8;
 
 /// What woke a connection's task.
@@ -45,8 +47,6 @@ enum Step {
     Idle,
     Read(Option<Result<Message, WsError>>),
 }
-/// Window over which malformed frames are counted.
-const MALFORMED_WINDOW: Duration = Duration::from_secs(10);
 
 /// Close codes used by the gateway (never 1000: phoenix.js would not reconnect).
 mod close {
@@ -460,6 +460,9 @@ pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
         let mut step = None;
         if inbox_turns >= INBOX_TURNS {
             inbox_turns = 0;
+            if idle.is_elapsed() {
+                break Some((close::GOING_AWAY, "idle timeout"));
+            }
             if let Poll::Ready(message) =
                 poll_fn(|cx| Poll::Ready(socket.poll_next_unpin(cx))).await
             {

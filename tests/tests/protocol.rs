@@ -418,6 +418,30 @@ async fn idle_sockets_are_closed_with_1001() {
     );
 }
 
+/// Deliveries do not keep a silent client alive: only its own frames do.
+#[tokio::test]
+async fn a_silent_subscriber_times_out_while_deliveries_flow() {
+    let gw = start_embedded_gateway(&[("GATEWAY_IDLE_TIMEOUT_SECS", "1".into())]).await;
+    let url = ringcast_tests::cluster::ws_url(gw.addr);
+    let (mut silent, mut publisher) =
+        (WsClient::connect(&url).await, WsClient::connect(&url).await);
+    silent.join_ok("room:busy", "1").await;
+    publisher.join_ok("room:busy", "1").await;
+    let publishing = tokio::spawn(async move {
+        for n in 0.. {
+            publisher
+                .send_text(format!(r#"["1","{n}","room:busy","e",{{"n":{n}}}]"#))
+                .await;
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    });
+    assert_eq!(
+        silent.recv_end().await,
+        Ended::Closed(Some((1001, "idle timeout".into())))
+    );
+    publishing.abort();
+}
+
 #[tokio::test]
 async fn shutdown_closes_sockets_with_1012() {
     let mut gw = start_embedded_gateway(&[]).await;
