@@ -11,6 +11,7 @@ use crate::metrics::Metrics;
 use crate::upstream::{Pending, ReplyTo};
 use crate::ws::Outbox;
 use crate::{Gateway, rebalance};
+use futures::task::AtomicWaker;
 use futures::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -20,8 +21,9 @@ use std::collections::HashMap;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
-use std::task::Poll;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -40,6 +42,44 @@ const MALFORMED_WINDOW: Duration = Duration::from_secs(10);
 /// After this many inbox turns in a row the idle timer and the socket are looked at first
 /// once, so that a busy connection still reads its client's frames and times out.
 const INBOX_TURNS: u32 = 8;
+
+/// Lets a connection's task poll its socket only when there may be something to read: the
+/// socket has woken it, or the last poll returned a message (more may be buffered). A
+/// wake-up for a delivery then skips tungstenite's read attempt.
+struct ReadInterest {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for ReadInterest {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Release);
+        self.task.wake();
+    }
+}
+
+/// Polls `socket` for its next message through `interest` (see [`ReadInterest`]).
+fn poll_read(
+    socket: &mut Socket,
+    interest: &ReadInterest,
+    read_waker: &Waker,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Message, WsError>>> {
+    // Registered before the flag is taken: a wake in between sets it again.
+    interest.task.register(cx.waker());
+    if !interest.woken.swap(false, AcqRel) {
+        return Poll::Pending;
+    }
+    let polled = socket.poll_next_unpin(&mut Context::from_waker(read_waker));
+    if polled.is_ready() {
+        interest.woken.store(true, Release);
+    }
+    polled
+}
 
 /// What woke a connection's task.
 enum Step {
@@ -452,6 +492,11 @@ pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
     let mut events = Vec::new(); // grows on demand: idle connections keep it empty
     // Inbox turns in a row without a look at the socket (see INBOX_TURNS).
     let mut inbox_turns = 0;
+    let interest = Arc::new(ReadInterest {
+        woken: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let read_waker = Waker::from(interest.clone());
 
     let close: Option<(u16, &'static str)> = loop {
         if let Some(reason) = conn.cut_reason() {
@@ -464,7 +509,7 @@ pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
                 break Some((close::GOING_AWAY, "idle timeout"));
             }
             if let Poll::Ready(message) =
-                poll_fn(|cx| Poll::Ready(socket.poll_next_unpin(cx))).await
+                poll_fn(|cx| Poll::Ready(poll_read(&mut socket, &interest, &read_waker, cx))).await
             {
                 step = Some(Step::Read(message));
             }
@@ -476,7 +521,7 @@ pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
                 // 0: cut, seen at the top of the loop.
                 _ = inbox.recv_many(&mut events, INBOX_BATCH) => Step::Inbox,
                 _ = &mut idle => Step::Idle,
-                message = socket.next() => Step::Read(message),
+                message = poll_fn(|cx| poll_read(&mut socket, &interest, &read_waker, cx)) => Step::Read(message),
             },
         };
         match step {
