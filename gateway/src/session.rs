@@ -506,9 +506,8 @@ pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
         if inbox_turns >= INBOX_TURNS {
             inbox_turns = 0;
             if idle.is_elapsed() {
-                break Some((close::GOING_AWAY, "idle timeout"));
-            }
-            if let Poll::Ready(message) =
+                step = Some(Step::Idle);
+            } else if let Poll::Ready(message) =
                 poll_fn(|cx| Poll::Ready(poll_read(&mut socket, &interest, &read_waker, cx))).await
             {
                 step = Some(Step::Read(message));

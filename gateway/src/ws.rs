@@ -42,7 +42,8 @@ pub fn text_frame(payload: &str) -> Bytes {
     Bytes::from(frame)
 }
 
-/// The text of a frame made by [`text_frame`] (for tests and logs).
+/// The text of a frame made by [`text_frame`].
+#[cfg(test)]
 pub fn frame_text(frame: &[u8]) -> &str {
     let start = match frame.get(1) {
         Some(126) => 4,
