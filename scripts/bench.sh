@@ -9,7 +9,9 @@
 #   BENCH_SERVER_THREADS=1           runtime threads per gateway / topic server (default: one per core)
 #
 # Every process and the load generator run on this machine, on loopback; the generator
-# stops by itself. Figures: deliveries/s of the highest ramp step with zero loss and p99
+# stops by itself. The same fan-out and light-load runs also go against `ringcast-bare`, a
+# one-process broadcaster with no routing (the ceiling of this machine in this hour), and
+# the table shows ringcast's figure as a share of it. Figures: deliveries/s of the highest ramp step with zero loss and p99
 # within the bound; peak RSS (VmHWM) of every process; RSS per idle joined connection.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +27,7 @@ export RUST_LOG=${RUST_LOG:-warn}
 
 echo "building release binaries..." >&2
 cargo build --release --quiet -p ringcast-gateway -p ringcast-topic-server -p ringcast-tests \
-  --bin gateway --bin topic-server --bin ringcast-load
+  --bin gateway --bin topic-server --bin ringcast-load --bin ringcast-bare
 bin=target/release
 load=$bin/ringcast-load
 out=$(mktemp -d)
@@ -94,6 +96,18 @@ else
   SUBS_A=2000; SUBS_B=10000; TOPICS=10000; CONNS=15000; CONNS4=60000
 fi
 
+# The ceiling: the same fan-out and light-load runs against one bare broadcaster.
+bare_port=$(free_port)
+$bin/ringcast-bare --listen 127.0.0.1:$bare_port 2>>"$out/bare.log" &
+pids+=($!); names+=("ringcast-bare")
+wait_port "$bare_port"
+bare=ws://127.0.0.1:$bare_port
+run bare_a fanout --gateways "$bare" --subscribers $SUBS_A --start-rate 100 --step-secs "$STEP" --p99-ms "$P99"
+run bare_b fanout --gateways "$bare" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms 500
+run bare_latency fanout --gateways "$bare" --subscribers 1000 --start-rate 100 --fixed --step-secs 5 --p99-ms 10
+rss_report "bare broadcaster"
+stop_all
+
 start_cluster 2
 p0=$(ts_counter publishes); d0=$(ts_counter deliveries)
 run fanout_a fanout --gateways "$gateways" --subscribers $SUBS_A --start-rate 100 --step-secs "$STEP" --p99-ms "$P99"
@@ -132,23 +146,34 @@ def load(name):
         return json.load(open(os.path.join(out, name + ".json")))
     except Exception:
         return None
-def best(name):
+def achieved(name):
+    s = load(name)
+    return (s.get("best") or {}).get("achieved_per_s") if s else None
+def best(name, ceiling=None):
     s = load(name)
     if not s: return "n/a"
     b = s.get("best")
     if not b: return "no step passed"
-    return f"{b['achieved_per_s']:,.0f} deliveries/s (p99 {b['p99_ms']:.1f} ms, {b['rate']:.0f} msg/s)"
+    text = f"{b['achieved_per_s']:,.0f} deliveries/s (p99 {b['p99_ms']:.1f} ms, {b['rate']:.0f} msg/s)"
+    c = achieved(ceiling) if ceiling else None
+    return text + (f", {100 * b['achieved_per_s'] / c:.0f}% of bare" if c else "")
+def light(name):
+    l = load(name)
+    if not l or not l["steps"]: return "n/a"
+    s = l["steps"][0]
+    return f"p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, max {s['max_ms']:.1f} ms, lost {s['lost']}"
 rows = []
 fa, fb = load("fanout_a"), load("fanout_b")
-rows.append((f"fan-out {fa['subscribers'] if fa else '?'} subscribers, p99 <= {p99} ms", best("fanout_a")))
-rows.append((f"fan-out {fb['subscribers'] if fb else '?'} subscribers, p99 <= 500 ms", best("fanout_b")))
+rows.append((f"fan-out {fa['subscribers'] if fa else '?'} subscribers, p99 <= {p99} ms", best("fanout_a", "bare_a")))
+rows.append((f"fan-out {fb['subscribers'] if fb else '?'} subscribers, p99 <= 500 ms", best("fanout_b", "bare_b")))
 rows.append((f"fan-out {fb['subscribers'] if fb else '?'} subscribers, p99 <= {p99} ms", best("fanout_b100")))
 t = load("topics")
 rows.append((f"topics {t['topics'] if t else '?'} x 10 subscribers, p99 <= {p99} ms", best("topics")))
-l = load("latency")
-if l and l["steps"]:
-    s = l["steps"][0]
-    rows.append(("light load: 1000 subscribers, 100 msg/s", f"p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, max {s['max_ms']:.1f} ms, lost {s['lost']}"))
+rows.append(("light load: 1000 subscribers, 100 msg/s", light("latency")))
+rows.append(("bare broadcaster (ringcast-bare: 1 process, no routing), same runs:", ""))
+rows.append((f"  fan-out {fa['subscribers'] if fa else '?'} subscribers, p99 <= {p99} ms", best("bare_a")))
+rows.append((f"  fan-out {fb['subscribers'] if fb else '?'} subscribers, p99 <= 500 ms", best("bare_b")))
+rows.append(("  light load: 1000 subscribers, 100 msg/s", light("bare_latency")))
 c = load("conns")
 if c:
     rows.append((f"{c['connections']} idle joined connections, 1 gateway", f"{c['connect_join_per_s']:,.0f} connect+join/s"))
