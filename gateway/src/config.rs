@@ -19,7 +19,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Channels (joined topics) per connection at most.
     pub max_channels: usize,
-    /// Frames queued per connection before it is cut as a slow consumer (close 1013).
+    /// Frames a connection may fall behind on one of its topics, and events queued for it,
+    /// before it is cut as a slow consumer (close 1013).
     pub client_queue: usize,
     /// Largest websocket message (and frame) accepted from a client.
     pub max_frame_bytes: usize,
@@ -101,7 +102,8 @@ struct Cli {
     /// Channels per connection at most.
     #[arg(long, env = "GATEWAY_MAX_CHANNELS", value_name = "GATEWAY_MAX_CHANNELS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     max_channels: u32,
-    /// Outbound frames queued per connection before it is closed as too slow (1013).
+    /// Frames a connection may fall behind on one of its topics (and events queued for it)
+    /// before it is closed as too slow (1013).
     #[arg(long, env = "GATEWAY_CLIENT_QUEUE", value_name = "GATEWAY_CLIENT_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(8..))]
     client_queue: u32,
     /// Largest client websocket message in bytes (larger: close 1009).

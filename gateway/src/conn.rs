@@ -5,6 +5,7 @@
 //! A cut is a flag and a wake-up through the inbox, so the connection's task checks it with
 //! one load per wake-up; [`Registry`] cuts every connection when the gateway shuts down.
 
+use crate::feed::Reader;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
@@ -15,24 +16,13 @@ use tokio::sync::Notify;
 /// What the connection's task is told by the rest of the gateway, in order.
 #[derive(Debug)]
 pub enum ConnEvent {
-    /// A websocket frame to write as is ([`crate::ws::text_frame`]): a delivery or a reply
-    /// (bytes shared with others).
+    /// A websocket frame to write as is ([`crate::ws::text_frame`]): a reply or an error.
     Frame(Bytes),
-    /// Several deliveries in order, framed, shared by every subscriber of a group.
-    Frames(Arc<[Bytes]>),
+    /// A subscription's feed has frames after the reader, which had read everything.
+    Feed(Arc<Reader>),
     /// News about one of the connection's channels, boxed so that the queue's slots (32
     /// allocated per idle connection) stay small.
     Channel(Box<ChannelEvent>),
-}
-
-impl ConnEvent {
-    /// How many frames the event counts for against the inbox's capacity.
-    fn frames(&self) -> usize {
-        match self {
-            ConnEvent::Frames(frames) => frames.len(),
-            ConnEvent::Frame(_) | ConnEvent::Channel(_) => 1,
-        }
-    }
 }
 
 impl From<ChannelEvent> for ConnEvent {
@@ -54,6 +44,8 @@ pub enum ChannelEvent {
         epoch: u64,
         offset: u64,
         replay: Option<Vec<Replayed>>,
+        /// Where the live deliveries are read from.
+        reader: Arc<Reader>,
     },
     /// The subscription `sub` of `topic` was not made.
     JoinFailed {
@@ -88,9 +80,8 @@ pub enum Cut {
 /// The queue behind a connection's inbox.
 #[derive(Debug, Default)]
 struct Queue {
+    /// Bounded by the capacity.
     events: VecDeque<ConnEvent>,
-    /// Frames in `events`, bounded by the capacity.
-    frames: usize,
     /// The connection's task stopped reading: nothing is queued any more.
     closed: bool,
 }
@@ -131,6 +122,11 @@ impl ConnHandle {
         self.0.id
     }
 
+    /// Frames the connection may fall behind before it is cut.
+    pub fn capacity(&self) -> usize {
+        self.0.capacity
+    }
+
     /// Queues an event; returns false if the connection is gone or was cut as too slow.
     /// Only a push into an empty queue wakes the connection's task: it drains everything
     /// queued at each wake-up.
@@ -139,14 +135,12 @@ impl ConnHandle {
         if queue.closed {
             return false;
         }
-        let frames = event.frames();
-        if queue.frames + frames > self.0.capacity {
+        if queue.events.len() >= self.0.capacity {
             drop(queue);
             self.cut(Cut::SlowConsumer);
             return false;
         }
         let was_empty = queue.events.is_empty();
-        queue.frames += frames;
         queue.events.push_back(event);
         drop(queue);
         if was_empty {
@@ -201,13 +195,9 @@ impl Inbox {
 
     /// Moves up to `limit` queued events into `buffer` without waiting; returns how many.
     pub fn try_recv_many(&mut self, buffer: &mut Vec<ConnEvent>, limit: usize) -> usize {
-        let mut guard = self.0.queue.lock();
-        let queue = &mut *guard;
+        let mut queue = self.0.queue.lock();
         let n = queue.events.len().min(limit.max(1));
-        for event in queue.events.drain(..n) {
-            queue.frames -= event.frames();
-            buffer.push(event);
-        }
+        buffer.extend(queue.events.drain(..n));
         n
     }
 
@@ -216,14 +206,11 @@ impl Inbox {
         let mut queue = self.0.queue.lock();
         queue.closed = true;
         queue.events.clear();
-        queue.frames = 0;
     }
 
     /// Takes whatever is queued now, without waiting.
     pub fn drain(&mut self) -> Vec<ConnEvent> {
-        let mut queue = self.0.queue.lock();
-        queue.frames = 0;
-        queue.events.drain(..).collect()
+        self.0.queue.lock().events.drain(..).collect()
     }
 }
 

@@ -1,7 +1,8 @@
 //! The local index: `topic -> local subscribers`, grouped by how their frames are encoded.
 //!
-//! A delivery is encoded once per group (serializer + receiver join_ref) and the same bytes
-//! are queued to every subscriber of the group. Each topic is one **feed**: all its local
+//! A delivery is encoded once per group (serializer + receiver join_ref) and appended to the
+//! group's [`Feed`], which every subscriber of the group reads at its own pace. Each topic
+//! is attached as a whole: all its local
 //! subscribers are attached at one topic server (`node`), and the feed remembers the position
 //! of the last message it delivered. A message at or before that position is a duplicate
 //! (during a move, the old and the new owner may both send it) and is dropped; one that does
@@ -10,10 +11,10 @@
 //! locks, never held across `.await`.
 
 use crate::codec::{DeliveryFrame, Vsn};
-use crate::conn::{ConnEvent, ConnHandle};
+use crate::conn::{ConnEvent, ConnHandle, Cut};
+use crate::feed::{Feed, Nudge, Reader};
 use crate::metrics::Metrics;
 use crate::ws;
-use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
@@ -70,25 +71,11 @@ pub enum Delivered {
     Gap(Position, Arc<str>, Vec<LocalSub>),
 }
 
-/// A group's encoded frames for one run.
-enum Frames {
-    One(Bytes),
-    Many(Arc<[Bytes]>),
-}
-
-impl Frames {
-    fn to_event(&self) -> ConnEvent {
-        match self {
-            Frames::One(bytes) => ConnEvent::Frame(bytes.clone()),
-            Frames::Many(frames) => ConnEvent::Frames(frames.clone()),
-        }
-    }
-}
-
 /// What [`LocalIndex::insert_if_open`] did.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Inserted {
-    Added,
+    /// Indexed; the subscription reads its deliveries from this reader.
+    Added(Arc<Reader>),
     /// The connection has gone.
     Closed,
     /// The topic's feed is attached at another node now (it moved while the join was in
@@ -96,9 +83,16 @@ pub enum Inserted {
     ElsewhereNow,
 }
 
+/// Subscribers whose frames are the same bytes, and the feed they read them from.
+#[derive(Debug, Default)]
+struct Group {
+    feed: Arc<Feed>,
+    subs: Vec<(LocalSub, Arc<Reader>)>,
+}
+
 #[derive(Debug)]
 struct TopicSubs {
-    groups: HashMap<GroupKey, Vec<LocalSub>>,
+    groups: HashMap<GroupKey, Group>,
     /// The topic server every subscriber of the topic is attached at.
     node: Arc<str>,
     epoch: u64,
@@ -109,11 +103,13 @@ struct TopicSubs {
 
 impl TopicSubs {
     fn len(&self) -> usize {
-        self.groups.values().map(Vec::len).sum()
+        self.groups.values().map(|g| g.subs.len()).sum()
     }
 
     fn subs(&self) -> impl Iterator<Item = &LocalSub> {
-        self.groups.values().flatten()
+        self.groups
+            .values()
+            .flat_map(|g| g.subs.iter().map(|(s, _)| s))
     }
 }
 
@@ -141,7 +137,7 @@ impl LocalIndex {
     /// Adds a subscriber accepted by `node` at position `at`, unless its connection has
     /// already gone (checked under the lock, so a connection that is cleaning up never leaves
     /// an entry behind) or the topic's feed is attached elsewhere. The first local subscriber
-    /// starts the feed at `node` and `at`.
+    /// starts the feed at `node` and `at`. The reader starts after the last frame delivered.
     pub fn insert_if_open(
         &self,
         topic: &str,
@@ -172,8 +168,12 @@ impl LocalIndex {
                 last: Mutex::new(at.offset),
             }),
         };
-        subs.groups.entry(key).or_default().push(entry);
-        Inserted::Added
+        let group = subs.groups.entry(key).or_default();
+        let reader = group
+            .feed
+            .reader(topic.into(), entry.sub, entry.conn.capacity());
+        group.subs.push((entry, reader.clone()));
+        Inserted::Added(reader)
     }
 
     /// Removes subscriber `sub` of `topic`; returns the node it was attached at.
@@ -183,11 +183,11 @@ impl LocalIndex {
         let node = subs.node.clone();
         let mut found = false;
         subs.groups.retain(|_, group| {
-            if let Some(i) = group.iter().position(|s| s.sub == sub) {
-                group.swap_remove(i);
+            if let Some(i) = group.subs.iter().position(|(s, _)| s.sub == sub) {
+                group.subs.swap_remove(i);
                 found = true;
             }
-            !group.is_empty()
+            !group.subs.is_empty()
         });
         if subs.groups.is_empty() {
             shard.remove(topic);
@@ -266,8 +266,8 @@ impl LocalIndex {
     }
 
     /// Queues `messages` (consecutive messages of `topic` from one batch) to every local
-    /// subscriber: each message is encoded once per group, and each subscriber gets one
-    /// inbox event for the whole run. A message at or before the last one delivered is
+    /// subscriber: each message is encoded once per group and appended to the group's feed;
+    /// a subscriber is woken only if it had read everything before. A message at or before the last one delivered is
     /// dropped; one that does not follow it ends the run: the topic's subscribers are removed
     /// and returned ([`Delivered::Gap`]) after the messages before it were queued.
     pub fn deliver(&self, topic: &str, messages: &[Incoming<'_>], metrics: &Metrics) -> Delivered {
@@ -319,21 +319,28 @@ impl LocalIndex {
             .collect();
         let mut queued = 0;
         for (key, group) in &subs.groups {
-            let mut encoded = frames
-                .iter()
-                .map(|f| ws::text_frame(&f.encode(key.vsn, key.join_ref.as_deref())));
+            let head = group.feed.append(
+                frames
+                    .iter()
+                    .map(|f| ws::text_frame(&f.encode(key.vsn, key.join_ref.as_deref()))),
+            );
             Metrics::add(&metrics.encodes, frames.len() as u64);
-            // One message: the bytes themselves; more: one shared slice of them, so that a
-            // subscriber costs one inbox push per run rather than one per message.
-            let event = match (encoded.next(), frames.len()) {
-                (Some(one), 1) => Frames::One(one),
-                (first, _) => Frames::Many(first.into_iter().chain(encoded).collect()),
-            };
-            for s in group {
-                if s.conn.send(event.to_event()) {
-                    queued += frames.len();
+            let mut passed = head;
+            for (s, reader) in &group.subs {
+                match reader.nudge(head) {
+                    Nudge::Cut => {
+                        s.conn.cut(Cut::SlowConsumer);
+                        continue;
+                    }
+                    Nudge::Wake => {
+                        s.conn.send(ConnEvent::Feed(reader.clone()));
+                    }
+                    Nudge::None => {}
                 }
+                passed = passed.min(reader.cursor());
+                queued += frames.len();
             }
+            group.feed.passed(passed);
         }
         Metrics::add(&metrics.frames_out, queued as u64);
         queued
@@ -420,27 +427,47 @@ mod tests {
         id.into()
     }
 
-    fn frames(inbox: &mut crate::conn::Inbox) -> Vec<String> {
-        let mut out = Vec::new();
-        for event in inbox.drain() {
-            match event {
-                ConnEvent::Frame(b) => out.push(ws::frame_text(&b).to_owned()),
-                ConnEvent::Frames(all) => {
-                    out.extend(all.iter().map(|b| ws::frame_text(b).to_owned()))
-                }
-                ConnEvent::Channel(_) => {}
-            }
+    /// Reads everything after the reader's cursor: the texts of the frames.
+    fn frames(reader: &Reader) -> Vec<String> {
+        let mut buf = bytes::BytesMut::new();
+        reader.read(&mut buf).expect("not lagged");
+        let mut texts = Vec::new();
+        let mut rest = &buf[..];
+        while !rest.is_empty() {
+            let (len, head) = match rest[1] {
+                126 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+                n => (n as usize, 2),
+            };
+            texts.push(ws::frame_text(&rest[..head + len]).to_owned());
+            rest = &rest[head + len..];
         }
-        out
+        texts
+    }
+
+    /// The reader of an added subscription.
+    fn added(inserted: Inserted) -> Arc<Reader> {
+        match inserted {
+            Inserted::Added(reader) => reader,
+            other => panic!("not added: {other:?}"),
+        }
+    }
+
+    /// Whether the fan-out woke the connection for its feed.
+    fn woken(inbox: &mut crate::conn::Inbox) -> usize {
+        inbox
+            .drain()
+            .iter()
+            .filter(|e| matches!(e, ConnEvent::Feed(_)))
+            .count()
     }
 
     #[test]
     fn encodes_once_per_join_ref_and_shares_bytes() {
         let index = LocalIndex::default();
         let metrics = Metrics::default();
-        let mut receivers = Vec::new();
+        let mut readers = Vec::new();
         for i in 0..10u64 {
-            let (conn, rx) = ConnHandle::new(i, 8);
+            let (conn, _rx) = ConnHandle::new(i, 8);
             let join_ref: Arc<str> = if i % 2 == 0 {
                 "\"1\"".into()
             } else {
@@ -448,11 +475,7 @@ mod tests {
             };
             let key = GroupKey::new(Vsn::V2, Some(join_ref));
             let entry = LocalSub { sub: i, conn };
-            assert_eq!(
-                index.insert_if_open("t", key, entry, &node("a"), AT),
-                Inserted::Added
-            );
-            receivers.push(rx);
+            readers.push(added(index.insert_if_open("t", key, entry, &node("a"), AT)));
         }
         assert!(matches!(
             index.deliver("t", &[msg(next(1), "e", "{}")], &metrics),
@@ -462,13 +485,13 @@ mod tests {
             metrics.encodes.load(std::sync::atomic::Ordering::Relaxed),
             2
         );
-        for (i, rx) in receivers.iter_mut().enumerate() {
+        for (i, reader) in readers.iter().enumerate() {
             let expected = if i % 2 == 0 {
                 r#"["1",null,"t","e",{}]"#
             } else {
                 r#"["3",null,"t","e",{}]"#
             };
-            assert_eq!(frames(rx), [expected]);
+            assert_eq!(frames(reader), [expected]);
         }
     }
 
@@ -481,24 +504,21 @@ mod tests {
             sub: 1,
             conn: conn.clone(),
         };
-        assert_eq!(
-            index.insert_if_open("t", key.clone(), entry, &node("a"), AT),
-            Inserted::Added
-        );
+        added(index.insert_if_open("t", key.clone(), entry, &node("a"), AT));
         let entry = LocalSub {
             sub: 2,
             conn: conn.clone(),
         };
-        assert_eq!(
+        assert!(matches!(
             index.insert_if_open("t", key.clone(), entry, &node("b"), AT),
             Inserted::ElsewhereNow
-        );
+        ));
         drop(rx);
         let entry = LocalSub { sub: 3, conn };
-        assert_eq!(
+        assert!(matches!(
             index.insert_if_open("u", key, entry, &node("a"), AT),
             Inserted::Closed
-        );
+        ));
         assert_eq!(index.topic_count(), 1);
     }
 
@@ -526,28 +546,27 @@ mod tests {
     }
 
     #[test]
-    fn a_full_inbox_cuts_only_that_connection() {
+    fn a_subscriber_too_far_behind_cuts_only_that_connection() {
         let index = LocalIndex::default();
         let metrics = Metrics::default();
         let (slow, _slow_rx) = ConnHandle::new(1, 1);
         let (fast, mut fast_rx) = ConnHandle::new(2, 16);
         let key = GroupKey::new(Vsn::V2, None);
         let n = node("n");
-        index.insert_if_open(
-            "t",
-            key.clone(),
-            LocalSub {
-                sub: 1,
-                conn: slow.clone(),
-            },
-            &n,
-            AT,
-        );
-        index.insert_if_open("t", key, LocalSub { sub: 2, conn: fast }, &n, AT);
+        let slow_sub = LocalSub {
+            sub: 1,
+            conn: slow.clone(),
+        };
+        added(index.insert_if_open("t", key.clone(), slow_sub, &n, AT));
+        let fast_sub = LocalSub { sub: 2, conn: fast };
+        let fast_reader = added(index.insert_if_open("t", key, fast_sub, &n, AT));
+        // The fast subscriber has read everything: each message wakes it once.
+        assert!(frames(&fast_reader).is_empty());
         for offset in 1..=3 {
             index.deliver("t", &[msg(next(offset), "e", "1")], &metrics);
         }
-        assert_eq!(frames(&mut fast_rx).len(), 3);
+        assert_eq!(woken(&mut fast_rx), 1, "woken once, until it reads");
+        assert_eq!(frames(&fast_reader).len(), 3);
         assert_cut(&slow, "slow connection is cut");
     }
 
@@ -555,15 +574,15 @@ mod tests {
     fn duplicates_are_dropped_and_a_jump_or_a_new_epoch_is_a_gap() {
         let index = LocalIndex::default();
         let metrics = Metrics::default();
-        let (conn, mut rx) = ConnHandle::new(1, 16);
+        let (conn, _rx) = ConnHandle::new(1, 16);
         let add = |topic: &str, sub| {
             let entry = LocalSub {
                 sub,
                 conn: conn.clone(),
             };
-            index.insert_if_open(topic, GroupKey::new(Vsn::V2, None), entry, &node("n"), AT)
+            added(index.insert_if_open(topic, GroupKey::new(Vsn::V2, None), entry, &node("n"), AT))
         };
-        add("a", 1);
+        let reader = add("a", 1);
         add("a", 2);
         add("b", 3);
         let queued = |d: Delivered| match d {
@@ -603,21 +622,25 @@ mod tests {
             Delivered::Gap(..)
         ));
         assert_eq!(
-            frames(&mut rx).len(),
-            2,
+            frames(&reader).len(),
+            1,
             "only the message before the gap was queued"
         );
     }
 
     #[test]
-    fn a_run_is_one_inbox_event_per_subscriber_and_stops_at_a_gap() {
+    fn a_run_is_one_wake_up_per_subscriber_and_stops_at_a_gap() {
         let index = LocalIndex::default();
         let metrics = Metrics::default();
         let (a, mut a_rx) = ConnHandle::new(1, 16);
         let (b, mut b_rx) = ConnHandle::new(2, 16);
         let key = GroupKey::new(Vsn::V2, Some("\"1\"".into()));
+        let mut readers = Vec::new();
         for (sub, conn) in [(1, a), (2, b)] {
-            index.insert_if_open("t", key.clone(), LocalSub { sub, conn }, &node("n"), AT);
+            let entry = LocalSub { sub, conn };
+            let reader = added(index.insert_if_open("t", key.clone(), entry, &node("n"), AT));
+            assert!(frames(&reader).is_empty(), "parks");
+            readers.push(reader);
         }
         let run = run_of(&[(1, "1"), (2, "2"), (3, "3")]);
         assert!(matches!(
@@ -628,15 +651,10 @@ mod tests {
             metrics.encodes.load(std::sync::atomic::Ordering::Relaxed),
             3
         );
-        for rx in [&mut a_rx, &mut b_rx] {
-            let events = rx.drain();
-            assert_eq!(events.len(), 1, "one event for the run");
-            let ConnEvent::Frames(all) = &events[0] else {
-                panic!("{events:?}")
-            };
-            let texts: Vec<&str> = all.iter().map(|f| ws::frame_text(f)).collect();
+        for (rx, reader) in [&mut a_rx, &mut b_rx].into_iter().zip(&readers) {
+            assert_eq!(woken(rx), 1, "one wake-up for the run");
             assert_eq!(
-                texts,
+                frames(reader),
                 [1, 2, 3].map(|n| format!(r#"["1",null,"t","e",{n}]"#))
             );
         }
@@ -646,11 +664,11 @@ mod tests {
             Delivered::Gap(at, _, subs) => assert_eq!((at, subs.len()), (next(6), 2)),
             other => panic!("offset 5 was skipped: {other:?}"),
         }
-        assert_eq!(frames(&mut a_rx), [r#"["1",null,"t","e",4]"#]);
+        assert_eq!(frames(&readers[0]), [r#"["1",null,"t","e",4]"#]);
     }
 
     #[test]
-    fn the_inbox_bound_counts_frames_not_events() {
+    fn the_bound_counts_frames_not_runs() {
         let index = LocalIndex::default();
         let metrics = Metrics::default();
         let (conn, _rx) = ConnHandle::new(1, 2);

@@ -9,6 +9,7 @@
 pub mod codec;
 pub mod config;
 pub mod conn;
+pub mod feed;
 pub mod index;
 pub mod metrics;
 pub mod rebalance;

@@ -6,11 +6,14 @@
 
 use crate::codec::{self, InFrame, Vsn};
 use crate::conn::{ChannelEvent, ConnEvent, ConnHandle, Cut};
+use crate::feed::Lagged;
+use crate::feed::{Attached, Reader};
 use crate::index::GroupKey;
 use crate::metrics::Metrics;
 use crate::upstream::{Pending, ReplyTo};
 use crate::ws::Outbox;
 use crate::{Gateway, rebalance};
+use bytes::BytesMut;
 use futures::task::AtomicWaker;
 use futures::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
@@ -105,7 +108,8 @@ enum ChannelState {
         msg_ref: Option<Box<str>>,
         recover: Option<Position>,
     },
-    Joined,
+    /// Live deliveries are read from the reader.
+    Joined(Attached),
 }
 
 #[derive(Debug)]
@@ -275,7 +279,7 @@ impl Session {
         let joined = self
             .channels
             .get(&f.topic)
-            .is_some_and(|c| matches!(c.state, ChannelState::Joined));
+            .is_some_and(|c| matches!(c.state, ChannelState::Joined(_)));
         if !joined {
             return self.reply_error(None, f.msg_ref, &f.topic, "unmatched topic", out);
         };
@@ -325,8 +329,26 @@ impl Session {
     pub fn on_event(&mut self, event: ConnEvent, out: &mut Outbox) {
         match event {
             ConnEvent::Frame(frame) => out.push(frame),
-            ConnEvent::Frames(frames) => out.push_run(frames),
+            ConnEvent::Feed(reader) => self.read_feed(&reader, out),
             ConnEvent::Channel(event) => self.on_channel_event(*event, out),
+        }
+    }
+
+    /// Writes what a subscription's feed has gathered, if the subscription is still one
+    /// of the connection's channels (or the one a rejoin replaces).
+    fn read_feed(&self, reader: &Reader, out: &mut Outbox) {
+        if !reader.is_detached() {
+            self.drain_feed(reader, out);
+        }
+    }
+
+    /// Queues everything the reader has not read yet (one buffer), or cuts the connection
+    /// if some of it was dropped because the client reads too slowly.
+    fn drain_feed(&self, reader: &Reader, out: &mut Outbox) {
+        let mut frames = BytesMut::new();
+        match reader.read(&mut frames) {
+            Ok(_) => out.push(frames.freeze()),
+            Err(Lagged) => self.conn.cut(Cut::SlowConsumer),
         }
     }
 
@@ -339,14 +361,16 @@ impl Session {
                 epoch,
                 offset,
                 replay,
+                reader,
             } => {
                 let Some(channel) = self.channels.get_mut(&topic).filter(|c| c.sub == sub) else {
                     // A join that was left or replaced while in flight.
                     return self.release_sub(&topic, sub, &node);
                 };
-                let ChannelState::Joining { msg_ref, recover } =
-                    std::mem::replace(&mut channel.state, ChannelState::Joined)
-                else {
+                let ChannelState::Joining { msg_ref, recover } = std::mem::replace(
+                    &mut channel.state,
+                    ChannelState::Joined(Attached(reader.clone())),
+                ) else {
                     return;
                 };
                 // Where it was accepted (a retry after a ring change may land elsewhere).
@@ -377,9 +401,11 @@ impl Session {
                     out.push_text(frame.encode(self.vsn, join_ref.as_deref()));
                 }
                 if let Some(old) = channel.replaces.take() {
-                    out.push_text(codec::close(self.vsn, old.join_ref.as_deref(), &topic));
-                    self.release(&topic, &old);
+                    self.close_channel(&topic, &old, out);
                 }
+                // Live deliveries since the subscription was indexed, after the reply and
+                // the replay; from here on the feed wakes the connection.
+                self.drain_feed(&reader, out);
             }
             ChannelEvent::JoinFailed { topic, sub, reason } => {
                 if self.channels.get(&topic).is_none_or(|c| c.sub != sub) {
@@ -397,8 +423,7 @@ impl Session {
                     out.push_text(reply);
                 }
                 if let Some(old) = channel.replaces {
-                    out.push_text(codec::close(self.vsn, old.join_ref.as_deref(), &topic));
-                    self.release(&topic, &old);
+                    self.close_channel(&topic, &old, out);
                 }
             }
             ChannelEvent::Interrupted { topic, sub, reason } => {
@@ -413,6 +438,10 @@ impl Session {
                     return;
                 }
                 let channel = self.channels.remove(&topic).expect("checked above");
+                // What was delivered before the interruption goes first.
+                if let ChannelState::Joined(attached) = &channel.state {
+                    self.drain_feed(&attached.0, out);
+                }
                 out.push_text(codec::channel_error(
                     self.vsn,
                     channel.join_ref.as_deref(),
@@ -421,6 +450,15 @@ impl Session {
                 ));
             }
         }
+    }
+
+    /// Closes a channel that a rejoin replaced, after what it had been delivered.
+    fn close_channel(&self, topic: &str, old: &Channel, out: &mut Outbox) {
+        if let ChannelState::Joined(attached) = &old.state {
+            self.drain_feed(&attached.0, out);
+        }
+        out.push_text(codec::close(self.vsn, old.join_ref.as_deref(), topic));
+        self.release(topic, old);
     }
 
     fn release(&self, topic: &str, channel: &Channel) {

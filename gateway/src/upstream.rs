@@ -742,7 +742,7 @@ impl UpstreamLink {
             .index
             .insert_if_open(&topic, key.clone(), entry, &self.node, at)
         {
-            Inserted::Added => {
+            Inserted::Added(reader) => {
                 if !self.owns(&topic)
                     && let Some(gateway) = self.ctx.gateway()
                 {
@@ -758,6 +758,7 @@ impl UpstreamLink {
                     epoch: at.epoch,
                     offset: at.offset,
                     replay: recovered.then_some(replay),
+                    reader,
                 };
                 conn.send(joined.into());
             }

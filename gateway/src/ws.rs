@@ -14,7 +14,6 @@ use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use tokio::io::AsyncWrite;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -134,20 +133,13 @@ impl Handshake {
     }
 }
 
-/// Frames waiting to be written, each whole: replies framed for this connection, and
-/// deliveries shared with other subscribers.
+/// Frames waiting to be written, each whole: replies framed for this connection,
+/// deliveries read from a feed (several frames in one buffer) or shared with others.
 #[derive(Debug, Default)]
 pub struct Outbox {
-    chunks: VecDeque<Chunk>,
-    /// Bytes of the first frame written already.
+    chunks: VecDeque<Bytes>,
+    /// Bytes of the first chunk written already.
     written: usize,
-}
-
-#[derive(Debug)]
-enum Chunk {
-    One(Bytes),
-    /// Shared frames, from the index'th on.
-    Run(Arc<[Bytes]>, usize),
 }
 
 impl Outbox {
@@ -159,15 +151,10 @@ impl Outbox {
         self.push(text_frame(text.as_ref()));
     }
 
-    /// Queues a frame made by [`text_frame`].
-    pub fn push(&mut self, frame: Bytes) {
-        self.chunks.push_back(Chunk::One(frame));
-    }
-
-    /// Queues shared frames made by [`text_frame`].
-    pub fn push_run(&mut self, frames: Arc<[Bytes]>) {
+    /// Queues whole frames made by [`text_frame`] (one or several back to back).
+    pub fn push(&mut self, frames: Bytes) {
         if !frames.is_empty() {
-            self.chunks.push_back(Chunk::Run(frames, 0));
+            self.chunks.push_back(frames);
         }
     }
 
@@ -189,18 +176,14 @@ impl Outbox {
         Poll::Ready(Ok(()))
     }
 
-    /// Fills `slices` with the unwritten frames, in order; returns how many.
+    /// Fills `slices` with the unwritten chunks, in order; returns how many.
     fn gather<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
-        let frames = self.chunks.iter().flat_map(|chunk| match chunk {
-            Chunk::One(frame) => std::slice::from_ref(frame),
-            Chunk::Run(frames, next) => &frames[*next..],
-        });
         let mut count = 0;
-        for (slot, frame) in slices.iter_mut().zip(frames) {
+        for (slot, chunk) in slices.iter_mut().zip(&self.chunks) {
             let rest = if count == 0 {
-                &frame[self.written..]
+                &chunk[self.written..]
             } else {
-                &frame[..]
+                &chunk[..]
             };
             *slot = IoSlice::new(rest);
             count += 1;
@@ -210,27 +193,15 @@ impl Outbox {
 
     /// Drops `n` written bytes from the front.
     fn advance(&mut self, mut n: usize) {
-        while n > 0 {
-            let Some(chunk) = self.chunks.front_mut() else {
-                return;
-            };
-            let (len, done) = match chunk {
-                Chunk::One(frame) => (frame.len(), true),
-                Chunk::Run(frames, next) => (frames[*next].len(), *next + 1 == frames.len()),
-            };
-            let left = len - self.written;
+        while let Some(chunk) = self.chunks.front() {
+            let left = chunk.len() - self.written;
             if n < left {
                 self.written += n;
                 return;
             }
             n -= left;
             self.written = 0;
-            match chunk {
-                Chunk::Run(_, next) if !done => *next += 1,
-                _ => {
-                    self.chunks.pop_front();
-                }
-            }
+            self.chunks.pop_front();
         }
     }
 }
@@ -335,8 +306,9 @@ mod tests {
                         outbox.push_text(text);
                     }
                 } else {
-                    let frames: Vec<Bytes> = run.iter().map(|t| text_frame(t)).collect();
-                    outbox.push_run(frames.into());
+                    // Several frames back to back in one buffer, as a feed is read.
+                    let frames: Vec<u8> = run.iter().flat_map(|t| text_frame(t).to_vec()).collect();
+                    outbox.push(frames.into());
                 }
                 expected.extend(run.iter().cloned());
             }
