@@ -6,8 +6,7 @@
 
 use crate::codec::{self, InFrame, Vsn};
 use crate::conn::{ChannelEvent, ConnEvent, ConnHandle, Cut};
-use crate::feed::Lagged;
-use crate::feed::{Attached, Reader};
+use crate::feed::{Attached, Lagged, Reader};
 use crate::index::GroupKey;
 use crate::metrics::Metrics;
 use crate::upstream::{Pending, ReplyTo};
