@@ -41,8 +41,6 @@ struct Ring {
 /// cuts it) and the subscriber's connection (which reads).
 #[derive(Debug)]
 pub struct Reader {
-    pub topic: Arc<str>,
-    pub sub: u64,
     feed: Arc<Feed>,
     /// The frames it may fall behind before it is cut.
     capacity: usize,
@@ -84,12 +82,10 @@ impl Feed {
     /// A reader starting at the current end of the feed. Call where no append can run at
     /// the same time (the index holds its shard's write lock), so that it starts exactly
     /// after the last frame delivered.
-    pub fn reader(self: &Arc<Self>, topic: Arc<str>, sub: u64, capacity: usize) -> Arc<Reader> {
+    pub fn reader(self: &Arc<Self>, capacity: usize) -> Arc<Reader> {
         let capacity = capacity.max(1);
         self.capacity.fetch_max(capacity, Relaxed);
         Arc::new(Reader {
-            topic,
-            sub,
             feed: self.clone(),
             capacity,
             cursor: AtomicU64::new(self.head.load(SeqCst)),
@@ -122,12 +118,9 @@ impl Feed {
     }
 
     /// Frames held now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.ring.read().frames.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -212,7 +205,7 @@ mod tests {
     fn a_reader_starts_at_the_end_and_is_woken_only_when_parked() {
         let feed = Arc::new(Feed::default());
         feed.append(frames(&["a"]));
-        let r = feed.reader("t".into(), 1, 8);
+        let r = feed.reader(8);
         // Not parked yet (its join is still being answered): the append does not wake it.
         let head = feed.append(frames(&["b", "c"]));
         assert_eq!(r.nudge(head), Nudge::None);
@@ -229,8 +222,8 @@ mod tests {
     #[test]
     fn a_reader_too_far_behind_is_cut_and_lags() {
         let feed = Arc::new(Feed::default());
-        let slow = feed.reader("t".into(), 1, 2);
-        let fast = feed.reader("t".into(), 2, 16);
+        let slow = feed.reader(2);
+        let fast = feed.reader(16);
         let head = feed.append(frames(&["a", "b"]));
         assert_eq!(slow.nudge(head), Nudge::None);
         let head = feed.append(frames(&["c"]));
@@ -245,24 +238,24 @@ mod tests {
             feed.append(frames(&["x"]));
         }
         assert_eq!(read(&slow), Err(Lagged));
-        assert_eq!(feed.len(), 16);
+        assert_eq!(feed.held(), 16);
     }
 
     #[test]
     fn frames_every_reader_passed_are_dropped_at_the_next_append() {
         let feed = Arc::new(Feed::default());
-        let a = feed.reader("t".into(), 1, 100);
-        let b = feed.reader("t".into(), 2, 100);
+        let a = feed.reader(100);
+        let b = feed.reader(100);
         feed.append(frames(&["1", "2", "3"]));
         read(&a).unwrap();
         feed.passed(a.cursor().min(b.cursor()));
         feed.append(frames(&["4"]));
-        assert_eq!(feed.len(), 4, "b has read nothing");
+        assert_eq!(feed.held(), 4, "b has read nothing");
         assert_eq!(read(&b).unwrap(), "1234");
         read(&a).unwrap();
         feed.passed(a.cursor().min(b.cursor()));
         feed.append(frames(&["5"]));
-        assert_eq!(feed.len(), 1);
+        assert_eq!(feed.held(), 1);
         assert_eq!(read(&a).unwrap(), "5");
         assert_eq!(read(&b).unwrap(), "5");
     }
@@ -272,7 +265,7 @@ mod tests {
         // One appender, one reader woken as the fan-out would: every frame arrives once,
         // in order, and the reader never stays parked with frames unread.
         let feed = Arc::new(Feed::default());
-        let r = feed.reader("t".into(), 1, 1 << 20);
+        let r = feed.reader(1 << 20);
         let (wake_tx, wake_rx) = std::sync::mpsc::channel::<()>();
         let appender = {
             let (feed, r) = (feed.clone(), r.clone());

@@ -2,9 +2,8 @@
 //!
 //! A delivery is encoded once per group (serializer + receiver join_ref) and appended to the
 //! group's [`Feed`], which every subscriber of the group reads at its own pace. Each topic
-//! is attached as a whole: all its local
-//! subscribers are attached at one topic server (`node`), and the feed remembers the position
-//! of the last message it delivered. A message at or before that position is a duplicate
+//! is attached as a whole: all its local subscribers are attached at one topic server
+//! (`node`), and the topic remembers the position of the last message it delivered. A message at or before that position is a duplicate
 //! (during a move, the old and the new owner may both send it) and is dropped; one that does
 //! not follow it (an offset jump, another epoch) is a gap, and the topic's subscribers are
 //! handed back to be interrupted instead of being delivered past it. Sharded `parking_lot`
@@ -169,9 +168,7 @@ impl LocalIndex {
             }),
         };
         let group = subs.groups.entry(key).or_default();
-        let reader = group
-            .feed
-            .reader(topic.into(), entry.sub, entry.conn.capacity());
+        let reader = group.feed.reader(entry.conn.capacity());
         group.subs.push((entry, reader.clone()));
         Inserted::Added(reader)
     }
@@ -267,7 +264,8 @@ impl LocalIndex {
 
     /// Queues `messages` (consecutive messages of `topic` from one batch) to every local
     /// subscriber: each message is encoded once per group and appended to the group's feed;
-    /// a subscriber is woken only if it had read everything before. A message at or before the last one delivered is
+    /// a subscriber is woken only if it had read everything before. A message at or before
+    /// the last one delivered is
     /// dropped; one that does not follow it ends the run: the topic's subscribers are removed
     /// and returned ([`Delivered::Gap`]) after the messages before it were queued.
     pub fn deliver(&self, topic: &str, messages: &[Incoming<'_>], metrics: &Metrics) -> Delivered {
@@ -431,17 +429,7 @@ mod tests {
     fn frames(reader: &Reader) -> Vec<String> {
         let mut buf = bytes::BytesMut::new();
         reader.read(&mut buf).expect("not lagged");
-        let mut texts = Vec::new();
-        let mut rest = &buf[..];
-        while !rest.is_empty() {
-            let (len, head) = match rest[1] {
-                126 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
-                n => (n as usize, 2),
-            };
-            texts.push(ws::frame_text(&rest[..head + len]).to_owned());
-            rest = &rest[head + len..];
-        }
-        texts
+        ws::frame_texts(&buf)
     }
 
     /// The reader of an added subscription.

@@ -1,10 +1,10 @@
 //! ringcast gateway: Phoenix Channels over websocket, each topic routed to its owner.
 //!
 //! `codec` is the pure wire format; `ws` the websocket upgrade and the frames the gateway
-//! writes; `session` runs one connection; `index` is the local `topic -> subscribers`
-//! fan-out; `upstream` keeps one stream per topic server; `routing` picks the link by the
-//! ring; `rebalance` follows ring edits; `server` puts it all on the network; `config` reads
-//! the environment.
+//! writes; `session` runs one connection; `conn` is its inbox; `index` is the local
+//! `topic -> subscribers` fan-out and `feed` the frames each subscriber reads; `upstream`
+//! keeps one stream per topic server; `routing` picks the link by the ring; `rebalance`
+//! follows ring edits; `server` puts it all on the network; `config` reads the environment.
 
 pub mod codec;
 pub mod config;
