@@ -36,6 +36,8 @@ pub struct LinkFactory {
     /// Parent of every link's stop token.
     pub stop: CancellationToken,
     pub tasks: TaskTracker,
+    /// Where link tasks run.
+    pub runtime: tokio::runtime::Handle,
 }
 
 impl LinkFactory {
@@ -51,7 +53,7 @@ impl LinkFactory {
             self.ctx.clone(),
             self.stop.child_token(),
         );
-        self.tasks.spawn(link.clone().run());
+        self.tasks.spawn_on(link.clone().run(), &self.runtime);
         link
     }
 }

@@ -74,6 +74,7 @@ pub async fn run(
     let link_context = ctx.clone();
     let core_stop = CancellationToken::new();
     let link_tasks = TaskTracker::new();
+    let link_runtime = crate::link_runtime::LinkRuntime::start()?;
     let (routing, ring_watch) = match (&config.ring, ring) {
         (Some((initial, source)), Some(ring)) => {
             let factory = LinkFactory {
@@ -82,6 +83,7 @@ pub async fn run(
                 max_message_bytes: 16 * 1024 * 1024,
                 stop: links_stop.clone(),
                 tasks: link_tasks.clone(),
+                runtime: link_runtime.handle().clone(),
             };
             let watch = watcher::spawn(source.clone(), initial.clone(), shutdown.clone());
             (
@@ -98,7 +100,7 @@ pub async fn run(
                 ctx,
                 links_stop.clone(),
             );
-            link_tasks.spawn(link.clone().run());
+            link_tasks.spawn_on(link.clone().run(), link_runtime.handle());
             tokio::spawn(hangup_notice(shutdown.clone()));
             (Routing::Embedded(link), None)
         }
@@ -171,6 +173,7 @@ pub async fn run(
     link_tasks.close();
     link_tasks.wait().await;
     core_stop.cancel();
+    drop(link_runtime);
     tracing::info!("gateway stopped");
     Ok(())
 }
