@@ -32,6 +32,9 @@ pub struct Config {
     pub upstream_queue: usize,
     /// HTTP/2 keepalive towards topic servers (interval and timeout).
     pub keepalive: Duration,
+    /// Threads of the runtime the upstream links and their fan-out run on
+    /// (`GATEWAY_LINK_THREADS`), apart from the connections.
+    pub link_threads: usize,
     /// Time given to connections to close at shutdown.
     pub shutdown_grace: Duration,
     /// Malformed frames tolerated per 10 s before the socket is closed (1008).
@@ -52,6 +55,7 @@ impl Config {
             topic_patterns: Vec::new(),
             upstream_queue: 65_536,
             keepalive: Duration::from_secs(2),
+            link_threads: 1,
             shutdown_grace: Duration::from_secs(5),
             max_malformed: 100,
         }
@@ -118,6 +122,9 @@ struct Cli {
     /// Seconds between HTTP/2 keepalive pings to topic servers (also the ping timeout).
     #[arg(long, env = "GATEWAY_KEEPALIVE_SECS", value_name = "GATEWAY_KEEPALIVE_SECS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
     keepalive_secs: u64,
+    /// Threads for the links to topic servers and their fan-out, apart from the connections.
+    #[arg(long, env = "GATEWAY_LINK_THREADS", value_name = "GATEWAY_LINK_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    link_threads: u16,
 }
 
 impl Cli {
@@ -139,6 +146,7 @@ impl Cli {
         config.max_frame_bytes = self.max_frame_bytes as usize;
         config.idle_timeout = Duration::from_secs(self.idle_timeout_secs);
         config.keepalive = Duration::from_secs(self.keepalive_secs);
+        config.link_threads = self.link_threads.into();
         if let Some(topics) = self.topics {
             config.topic_patterns = topics
                 .split(',')
@@ -167,5 +175,17 @@ mod tests {
         assert!(c.topic_allowed("lobby"));
         assert!(!c.topic_allowed("lobby2"));
         assert!(!c.topic_allowed("user:1"));
+    }
+
+    #[test]
+    fn a_bad_setting_is_named() {
+        let parsed = |args: &[&str]| {
+            let args = ["gateway"].iter().chain(args);
+            Cli::try_parse_from(args).map(|cli| cli.link_threads)
+        };
+        assert_eq!(parsed(&[]).unwrap(), 1);
+        assert_eq!(parsed(&["--link-threads", "4"]).unwrap(), 4);
+        let error = parsed(&["--link-threads", "0"]).unwrap_err().to_string();
+        assert!(error.contains("GATEWAY_LINK_THREADS"), "{error}");
     }
 }

@@ -1,43 +1,47 @@
-//! The thread the upstream links run on, apart from the connections.
+//! The threads the upstream links run on (`GATEWAY_LINK_THREADS`, one by default), apart from
+//! the connections.
 //!
 //! A message crosses several tasks on its way through a gateway (the gRPC streams to and
 //! from its owner, the fan-out). On a busy gateway thousands of connection tasks wait to
 //! write; on a runtime shared with them every one of those hops would queue behind them.
-//! On a thread of their own the links take the CPU as soon as a message arrives, like a
+//! On threads of their own the links take the CPU as soon as a message arrives, like a
 //! second process would, and a message waits for the writers once, at the end.
 
-use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio::runtime::{Handle, Runtime};
 
-/// A current-thread runtime on its own thread; stops when dropped.
+/// A runtime of `GATEWAY_LINK_THREADS` threads named `gateway-links`; stops when dropped.
 #[derive(Debug)]
 pub struct LinkRuntime {
-    handle: Handle,
-    _stop: oneshot::Sender<()>,
+    runtime: Option<Runtime>,
 }
 
 impl LinkRuntime {
-    pub fn start() -> std::io::Result<LinkRuntime> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+    pub fn start(threads: usize) -> std::io::Result<LinkRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("gateway-links")
             .enable_all()
             .build()?;
-        let handle = runtime.handle().clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("gateway-links".into())
-            .spawn(move || {
-                runtime.block_on(async {
-                    let _ = stopped.await;
-                });
-            })?;
         Ok(LinkRuntime {
-            handle,
-            _stop: stop,
+            runtime: Some(runtime),
         })
     }
 
     pub fn handle(&self) -> &Handle {
-        &self.handle
+        self.runtime
+            .as_ref()
+            .expect("running until dropped")
+            .handle()
+    }
+}
+
+impl Drop for LinkRuntime {
+    /// Drops the remaining tasks on the runtime's own threads: a runtime must not be dropped
+    /// (waited for) inside another one.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -49,7 +53,7 @@ mod tests {
 
     #[test]
     fn runs_tasks_on_its_own_thread_and_drops_them_when_dropped() {
-        let links = LinkRuntime::start().unwrap();
+        let links = LinkRuntime::start(1).unwrap();
         let (tx, rx) = mpsc::channel();
         links.handle().spawn(async move {
             let _ = tx.send(std::thread::current().name().map(str::to_owned));

@@ -74,7 +74,7 @@ pub async fn run(
     let link_context = ctx.clone();
     let core_stop = CancellationToken::new();
     let link_tasks = TaskTracker::new();
-    let link_runtime = crate::link_runtime::LinkRuntime::start()?;
+    let link_runtime = crate::link_runtime::LinkRuntime::start(config.link_threads)?;
     let (routing, ring_watch) = match (&config.ring, ring) {
         (Some((initial, source)), Some(ring)) => {
             let factory = LinkFactory {
