@@ -2,17 +2,18 @@
 # ringcast benchmark: starts a local release cluster (2 topic servers, 2 gateways; 4 gateways
 # for the 60k-connection run), runs the load generator's workloads and prints one table.
 #
-#   scripts/bench.sh                 everything (about 5 minutes on 2 cores)
+#   scripts/bench.sh                 everything (about 4 minutes on 2 cores)
 #   BENCH_QUICK=1 scripts/bench.sh   smaller and shorter (a smoke run, about 1 minute)
 #   BENCH_P99_MS=100                 the latency bound of the fan-out ramps (10,000 subscribers also at 500)
 #   BENCH_STEP_SECS=3                seconds per ramp step
 #   BENCH_SERVER_THREADS=1           runtime threads per gateway / topic server (default: one per core)
 #
 # Every process and the load generator run on this machine, on loopback; the generator
-# stops by itself. The same fan-out and light-load runs also go against `ringcast-bare`, a
-# one-process broadcaster with no routing (the ceiling of this machine in this hour), and
-# the table shows ringcast's figure as a share of it. Figures: deliveries/s of the highest ramp step with zero loss and p99
-# within the bound; peak RSS (VmHWM) of every process; RSS per idle joined connection.
+# stops by itself. The one-topic and connection workloads also go against `ringcast-bare`,
+# a one-process broadcaster with no routing (the ceiling of this machine in this hour), and
+# the table shows ringcast's figure as a share of it. Figures: deliveries/s of the highest
+# ramp step with zero loss and p99 within the bound; peak RSS (VmHWM) of every process; RSS
+# per idle joined connection.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -96,7 +97,9 @@ else
   SUBS_A=2000; SUBS_B=10000; TOPICS=10000; CONNS=15000; CONNS4=60000
 fi
 
-# The ceiling: the same fan-out and light-load runs against one bare broadcaster.
+# The ceiling: the same workloads against one bare broadcaster, but for the many-topics run
+# (a broadcast channel per topic is no ceiling there) and the 60,000-connection run (one
+# process cannot hold them).
 bare_port=$(free_port)
 $bin/ringcast-bare --listen 127.0.0.1:$bare_port 2>>"$out/bare.log" &
 pids+=($!); names+=("ringcast-bare")
@@ -104,7 +107,9 @@ wait_port "$bare_port"
 bare=ws://127.0.0.1:$bare_port
 run bare_a fanout --gateways "$bare" --subscribers $SUBS_A --start-rate 100 --step-secs "$STEP" --p99-ms "$P99"
 run bare_b fanout --gateways "$bare" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms 500
+run bare_b100 fanout --gateways "$bare" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms "$P99"
 run bare_latency fanout --gateways "$bare" --subscribers 1000 --start-rate 100 --fixed --step-secs 5 --p99-ms 10
+run bare_conns conns --gateways "$bare" --connections $CONNS --hold-secs 1
 rss_report "bare broadcaster"
 stop_all
 
@@ -166,17 +171,22 @@ rows = []
 fa, fb = load("fanout_a"), load("fanout_b")
 rows.append((f"fan-out {fa['subscribers'] if fa else '?'} subscribers, p99 <= {p99} ms", best("fanout_a", "bare_a")))
 rows.append((f"fan-out {fb['subscribers'] if fb else '?'} subscribers, p99 <= 500 ms", best("fanout_b", "bare_b")))
-rows.append((f"fan-out {fb['subscribers'] if fb else '?'} subscribers, p99 <= {p99} ms", best("fanout_b100")))
+rows.append((f"fan-out {fb['subscribers'] if fb else '?'} subscribers, p99 <= {p99} ms", best("fanout_b100", "bare_b100")))
 t = load("topics")
 rows.append((f"topics {t['topics'] if t else '?'} x 10 subscribers, p99 <= {p99} ms", best("topics")))
 rows.append(("light load: 1000 subscribers, 100 msg/s", light("latency")))
 rows.append(("bare broadcaster (ringcast-bare: 1 process, no routing), same runs:", ""))
 rows.append((f"  fan-out {fa['subscribers'] if fa else '?'} subscribers, p99 <= {p99} ms", best("bare_a")))
 rows.append((f"  fan-out {fb['subscribers'] if fb else '?'} subscribers, p99 <= 500 ms", best("bare_b")))
+rows.append((f"  fan-out {fb['subscribers'] if fb else '?'} subscribers, p99 <= {p99} ms", best("bare_b100")))
 rows.append(("  light load: 1000 subscribers, 100 msg/s", light("bare_latency")))
+bc = load("bare_conns")
+if bc:
+    rows.append((f"  {bc['connections']} idle joined connections", f"{bc['connect_join_per_s']:,.0f} connect+join/s"))
 c = load("conns")
 if c:
-    rows.append((f"{c['connections']} idle joined connections, 1 gateway", f"{c['connect_join_per_s']:,.0f} connect+join/s"))
+    share = f", {100 * c['connect_join_per_s'] / bc['connect_join_per_s']:.0f}% of bare" if bc else ""
+    rows.append((f"{c['connections']} idle joined connections, 1 gateway", f"{c['connect_join_per_s']:,.0f} connect+join/s{share}"))
     for r in c["rss"]:
         delta = r["rss_held_kib"] - r["rss_before_kib"]
         if r["name"] == "gateway":

@@ -151,3 +151,20 @@ async fn the_bare_broadcaster_serves_the_fanout_workload() {
     let summary = load(&args).await;
     assert_no_loss(&summary, 40);
 }
+
+#[tokio::test]
+async fn the_bare_broadcaster_serves_the_conns_workload() {
+    let (_bare, url) = start_bare().await;
+    let summary = load(&[
+        "conns",
+        "--gateways",
+        &url,
+        "--connections",
+        "30",
+        "--hold-secs",
+        "1",
+    ])
+    .await;
+    assert_eq!(summary["connections"], 30, "{summary}");
+    assert!(summary["connect_join_per_s"].as_f64().unwrap() > 0.0);
+}
