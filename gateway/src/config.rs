@@ -32,8 +32,8 @@ pub struct Config {
     pub upstream_queue: usize,
     /// HTTP/2 keepalive towards topic servers (interval and timeout).
     pub keepalive: Duration,
-    /// Threads of the runtime the upstream links and their fan-out run on
-    /// (`GATEWAY_LINK_THREADS`), apart from the connections.
+    /// Threads of a runtime of their own for the upstream links and their fan-out
+    /// (`GATEWAY_LINK_THREADS`); 0 runs them on the connections' runtime.
     pub link_threads: usize,
     /// Time given to connections to close at shutdown.
     pub shutdown_grace: Duration,
@@ -55,7 +55,7 @@ impl Config {
             topic_patterns: Vec::new(),
             upstream_queue: 65_536,
             keepalive: Duration::from_secs(2),
-            link_threads: 1,
+            link_threads: 0,
             shutdown_grace: Duration::from_secs(5),
             max_malformed: 100,
         }
@@ -122,8 +122,9 @@ struct Cli {
     /// Seconds between HTTP/2 keepalive pings to topic servers (also the ping timeout).
     #[arg(long, env = "GATEWAY_KEEPALIVE_SECS", value_name = "GATEWAY_KEEPALIVE_SECS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
     keepalive_secs: u64,
-    /// Threads for the links to topic servers and their fan-out, apart from the connections.
-    #[arg(long, env = "GATEWAY_LINK_THREADS", value_name = "GATEWAY_LINK_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// Threads of their own for the links to topic servers and their fan-out (0: none, they
+    /// run with the connections).
+    #[arg(long, env = "GATEWAY_LINK_THREADS", value_name = "GATEWAY_LINK_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
     link_threads: u16,
 }
 
@@ -183,9 +184,9 @@ mod tests {
             let args = ["gateway"].iter().chain(args);
             Cli::try_parse_from(args).map(|cli| cli.link_threads)
         };
-        assert_eq!(parsed(&[]).unwrap(), 1);
+        assert_eq!(parsed(&[]).unwrap(), 0);
         assert_eq!(parsed(&["--link-threads", "4"]).unwrap(), 4);
-        let error = parsed(&["--link-threads", "0"]).unwrap_err().to_string();
+        let error = parsed(&["--link-threads", "300"]).unwrap_err().to_string();
         assert!(error.contains("GATEWAY_LINK_THREADS"), "{error}");
     }
 }

@@ -3,7 +3,7 @@
 //! `codec` is the pure wire format; `ws` the websocket upgrade and the frames the gateway
 //! writes; `session` runs one connection; `conn` is its inbox; `index` is the local
 //! `topic -> subscribers` fan-out and `feed` the frames each subscriber reads; `upstream`
-//! keeps one stream per topic server, on threads of its own (`link_runtime`); `routing`
+//! keeps one stream per topic server (`link_runtime` says on which threads); `routing`
 //! picks the link by the ring; `rebalance` follows ring edits; `server` puts it all on the
 //! network; `config` reads the environment.
 

@@ -5,10 +5,14 @@ use ringcast_tests::{Cluster, ClusterSpec, EVENT_TIMEOUT, NodeClient, WsClient};
 use serde_json::{Value, json};
 use std::time::Instant;
 
-/// 1 s HTTP/2 keepalive on both sides: a silent peer is noticed within about 2 s.
+/// 1 s HTTP/2 keepalive on both sides: a silent peer is noticed within about 2 s. The
+/// gateways run their links on a thread of their own, so that mode meets these failures too.
 fn fast_keepalive() -> ClusterSpec {
     ClusterSpec {
-        gateway_env: vec![("GATEWAY_KEEPALIVE_SECS".into(), "1".into())],
+        gateway_env: vec![
+            ("GATEWAY_KEEPALIVE_SECS".into(), "1".into()),
+            ("GATEWAY_LINK_THREADS".into(), "1".into()),
+        ],
         topic_server_env: vec![("TOPIC_SERVER_KEEPALIVE_SECS".into(), "1".into())],
         ..Default::default()
     }
