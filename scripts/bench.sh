@@ -7,6 +7,7 @@
 #   BENCH_P99_MS=100                 the latency bound of the fan-out ramps (10,000 subscribers also at 500)
 #   BENCH_STEP_SECS=3                seconds per ramp step
 #   BENCH_SERVER_THREADS=1           runtime threads per gateway / topic server (default: one per core)
+#   BENCH_GATEWAY_THREADS=1          runtime threads per gateway only (default: BENCH_SERVER_THREADS)
 #   BENCH_LINK_THREADS=1             GATEWAY_LINK_THREADS: the gateways' links on threads of their own
 #
 # Every process and the load generator run on this machine, on loopback; the generator
@@ -23,6 +24,7 @@ QUICK=${BENCH_QUICK:-0}
 # server processes and the generator on 2 cores, 1 helps the one-topic fan-out and hurts the
 # 10,000-subscriber and many-topic runs (README, Performance).
 SERVER_THREADS=${BENCH_SERVER_THREADS:-}
+GATEWAY_THREADS=${BENCH_GATEWAY_THREADS:-$SERVER_THREADS}
 LINK_THREADS=${BENCH_LINK_THREADS:-}
 P99=${BENCH_P99_MS:-100}
 STEP=${BENCH_STEP_SECS:-3}
@@ -63,7 +65,7 @@ start_cluster() {
   gateways=""
   for i in $(seq "$n"); do
     gw_ports+=("$(free_port)")
-    env ${SERVER_THREADS:+TOKIO_WORKER_THREADS=$SERVER_THREADS} ${LINK_THREADS:+GATEWAY_LINK_THREADS=$LINK_THREADS} GATEWAY_ID=gw-$i GATEWAY_LISTEN=127.0.0.1:${gw_ports[-1]} RING_CONFIG=$ring GATEWAY_MAX_CONNECTIONS=19000 \
+    env ${GATEWAY_THREADS:+TOKIO_WORKER_THREADS=$GATEWAY_THREADS} ${LINK_THREADS:+GATEWAY_LINK_THREADS=$LINK_THREADS} GATEWAY_ID=gw-$i GATEWAY_LISTEN=127.0.0.1:${gw_ports[-1]} RING_CONFIG=$ring GATEWAY_MAX_CONNECTIONS=19000 \
       $bin/gateway 2>>"$out/gateway.log" &
     pids+=($!); names+=("gateway gw-$i")
     gateways+="${gateways:+,}ws://127.0.0.1:${gw_ports[-1]}"
