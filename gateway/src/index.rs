@@ -3,11 +3,12 @@
 //! A delivery is encoded once per group (serializer + receiver join_ref) and appended to the
 //! group's [`Feed`], which every subscriber of the group reads at its own pace. Each topic
 //! is attached as a whole: all its local subscribers are attached at one topic server
-//! (`node`), and the topic remembers the position of the last message it delivered. A message at or before that position is a duplicate
-//! (during a move, the old and the new owner may both send it) and is dropped; one that does
-//! not follow it (an offset jump, another epoch) is a gap, and the topic's subscribers are
-//! handed back to be interrupted instead of being delivered past it. Sharded `parking_lot`
-//! locks, never held across `.await`.
+//! (`node`), and the topic remembers the position of the last message it delivered. A
+//! message at or before that position is a duplicate (during a move, the old and the new
+//! owner may both send it) and is dropped; one that does not follow it (an offset jump,
+//! another epoch) is a gap, and the topic's subscribers are handed back to be interrupted
+//! instead of being delivered past it. Sharded `parking_lot` locks, never held across
+//! `.await`.
 
 use crate::codec::{DeliveryFrame, Vsn};
 use crate::conn::{ConnEvent, ConnHandle, Cut};
@@ -265,9 +266,9 @@ impl LocalIndex {
     /// Queues `messages` (consecutive messages of `topic` from one batch) to every local
     /// subscriber: each message is encoded once per group and appended to the group's feed;
     /// a subscriber is woken only if it had read everything before. A message at or before
-    /// the last one delivered is
-    /// dropped; one that does not follow it ends the run: the topic's subscribers are removed
-    /// and returned ([`Delivered::Gap`]) after the messages before it were queued.
+    /// the last one delivered is dropped; one that does not follow it ends the run: the
+    /// topic's subscribers are removed and returned ([`Delivered::Gap`]) after the messages
+    /// before it were queued.
     pub fn deliver(&self, topic: &str, messages: &[Incoming<'_>], metrics: &Metrics) -> Delivered {
         let gap = {
             let shard = self.shard(topic).read();

@@ -351,6 +351,13 @@ impl Session {
         }
     }
 
+    /// Queues what a joined channel's feed had gathered (nothing for one still joining).
+    fn drain_channel(&self, channel: &Channel, out: &mut Outbox) {
+        if let ChannelState::Joined(attached) = &channel.state {
+            self.drain_feed(&attached.0, out);
+        }
+    }
+
     fn on_channel_event(&mut self, event: ChannelEvent, out: &mut Outbox) {
         match event {
             ChannelEvent::Joined {
@@ -438,9 +445,7 @@ impl Session {
                 }
                 let channel = self.channels.remove(&topic).expect("checked above");
                 // What was delivered before the interruption goes first.
-                if let ChannelState::Joined(attached) = &channel.state {
-                    self.drain_feed(&attached.0, out);
-                }
+                self.drain_channel(&channel, out);
                 out.push_text(codec::channel_error(
                     self.vsn,
                     channel.join_ref.as_deref(),
@@ -453,9 +458,7 @@ impl Session {
 
     /// Closes a channel that a rejoin replaced, after what it had been delivered.
     fn close_channel(&self, topic: &str, old: &Channel, out: &mut Outbox) {
-        if let ChannelState::Joined(attached) = &old.state {
-            self.drain_feed(&attached.0, out);
-        }
+        self.drain_channel(old, out);
         out.push_text(codec::close(self.vsn, old.join_ref.as_deref(), topic));
         self.release(topic, old);
     }

@@ -101,24 +101,29 @@ async fn topics_workload_counts_every_delivery() {
     assert_no_loss(&summary, 3);
 }
 
-#[tokio::test]
-async fn conns_workload_holds_its_connections() {
-    let cluster = Cluster::start().await;
-    let gateways = gateways(&cluster);
+/// Runs the conns workload; checks it held all `connections` and measured a rate.
+async fn assert_conns_held(gateways: &str, connections: u32, procs: u32) {
+    let (n, procs) = (connections.to_string(), procs.to_string());
     let summary = load(&[
         "conns",
         "--gateways",
-        &gateways,
+        gateways,
         "--connections",
-        "60",
+        &n,
         "--procs",
-        "2",
+        &procs,
         "--hold-secs",
         "1",
     ])
     .await;
-    assert_eq!(summary["connections"], 60, "{summary}");
+    assert_eq!(summary["connections"], connections, "{summary}");
     assert!(summary["connect_join_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test]
+async fn conns_workload_holds_its_connections() {
+    let cluster = Cluster::start().await;
+    assert_conns_held(&gateways(&cluster), 60, 2).await;
 }
 
 /// `ringcast-bare` on an ephemeral port; the address it printed.
@@ -155,16 +160,5 @@ async fn the_bare_broadcaster_serves_the_fanout_workload() {
 #[tokio::test]
 async fn the_bare_broadcaster_serves_the_conns_workload() {
     let (_bare, url) = start_bare().await;
-    let summary = load(&[
-        "conns",
-        "--gateways",
-        &url,
-        "--connections",
-        "30",
-        "--hold-secs",
-        "1",
-    ])
-    .await;
-    assert_eq!(summary["connections"], 30, "{summary}");
-    assert!(summary["connect_join_per_s"].as_f64().unwrap() > 0.0);
+    assert_conns_held(&url, 30, 1).await;
 }
