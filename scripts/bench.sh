@@ -15,7 +15,9 @@
 # a one-process broadcaster with no routing (the ceiling of this machine in this hour), and
 # the table shows ringcast's figure as a share of it. Figures: deliveries/s of the highest
 # ramp step with zero loss and p99 within the bound; peak RSS (VmHWM) of every process; RSS
-# per idle joined connection.
+# per idle joined connection; CPU time (user and kernel) per delivery of every process and
+# the generator; and the floor: the kernel time the bare broadcaster and the generator spent
+# per delivery and per connection, and what that allows on this machine's cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,6 +74,8 @@ start_cluster() {
   done
   for p in "${ts_ports[@]}" "${gw_ports[@]}"; do wait_port "$p"; done
   ts_status=("http://127.0.0.1:${ts_ports[0]}/status" "http://127.0.0.1:${ts_ports[1]}/status")
+  watch="ts-1=${pids[0]},ts-2=${pids[1]}"
+  for i in $(seq "$n"); do watch+=",gw-$i=${pids[$((i + 1))]}"; done
   sleep 0.5 # links connect
 }
 
@@ -109,41 +113,41 @@ $bin/ringcast-bare --listen 127.0.0.1:$bare_port 2>>"$out/bare.log" &
 pids+=($!); names+=("ringcast-bare")
 wait_port "$bare_port"
 bare=ws://127.0.0.1:$bare_port
-run bare_a fanout --gateways "$bare" --subscribers $SUBS_A --start-rate 100 --step-secs "$STEP" --p99-ms "$P99"
-run bare_b fanout --gateways "$bare" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms 500
-run bare_b100 fanout --gateways "$bare" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms "$P99"
-run bare_latency fanout --gateways "$bare" --subscribers 1000 --start-rate 100 --fixed --step-secs 5 --p99-ms 10
-run bare_conns conns --gateways "$bare" --connections $CONNS --hold-secs 1
+watch="bare=${pids[0]}"
+run bare_a fanout --gateways "$bare" --subscribers $SUBS_A --start-rate 100 --step-secs "$STEP" --p99-ms "$P99" --watch "$watch"
+run bare_b fanout --gateways "$bare" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms 500 --watch "$watch"
+run bare_b100 fanout --gateways "$bare" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms "$P99" --watch "$watch"
+run bare_latency fanout --gateways "$bare" --subscribers 1000 --start-rate 100 --fixed --step-secs 5 --p99-ms 10 --watch "$watch"
+run bare_conns conns --gateways "$bare" --connections $CONNS --hold-secs 1 --watch "$watch"
 rss_report "bare broadcaster"
 stop_all
 
 start_cluster 2
 p0=$(ts_counter publishes); d0=$(ts_counter deliveries)
-run fanout_a fanout --gateways "$gateways" --subscribers $SUBS_A --start-rate 100 --step-secs "$STEP" --p99-ms "$P99"
+run fanout_a fanout --gateways "$gateways" --subscribers $SUBS_A --start-rate 100 --step-secs "$STEP" --p99-ms "$P99" --watch "$watch"
 p1=$(ts_counter publishes); d1=$(ts_counter deliveries)
 echo "$((d1 - d0)) $((p1 - p0))" >"$out/crossnode"
 rss_report "fanout $SUBS_A"
 stop_all
 
 start_cluster 2
-run fanout_b fanout --gateways "$gateways" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms 500
-run fanout_b100 fanout --gateways "$gateways" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms "$P99"
+run fanout_b fanout --gateways "$gateways" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms 500 --watch "$watch"
+run fanout_b100 fanout --gateways "$gateways" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms "$P99" --watch "$watch"
 rss_report "fanout $SUBS_B"
 stop_all
 
 start_cluster 2
-run latency fanout --gateways "$gateways" --subscribers 1000 --start-rate 100 --fixed --step-secs 5 --p99-ms 10
-run topics topics --gateways "$gateways" --topics $TOPICS --subscribers 10 --start-rate 2000 --step-secs "$STEP" --p99-ms "$P99"
+run latency fanout --gateways "$gateways" --subscribers 1000 --start-rate 100 --fixed --step-secs 5 --p99-ms 10 --watch "$watch"
+run topics topics --gateways "$gateways" --topics $TOPICS --subscribers 10 --start-rate 2000 --step-secs "$STEP" --p99-ms "$P99" --watch "$watch"
 rss_report "topics $TOPICS x 10"
 stop_all
 
 start_cluster 1
-watch="gateway=${pids[2]},ts-1=${pids[0]},ts-2=${pids[1]}"
 run conns conns --gateways "$gateways" --connections $CONNS --hold-secs 4 --watch "$watch"
 stop_all
 
 start_cluster 4
-run conns4 conns --gateways "$gateways" --connections $CONNS4 --procs 4 --hold-secs 4
+run conns4 conns --gateways "$gateways" --connections $CONNS4 --procs 4 --hold-secs 4 --watch "$watch"
 rss_report "conns $CONNS4 over 4 gateways"
 stop_all
 
@@ -193,9 +197,9 @@ if c:
     rows.append((f"{c['connections']} idle joined connections, 1 gateway", f"{c['connect_join_per_s']:,.0f} connect+join/s{share}"))
     for r in c["rss"]:
         delta = r["rss_held_kib"] - r["rss_before_kib"]
-        if r["name"] == "gateway":
+        if r["name"].startswith("gw-"):
             rows.append(("  gateway RSS per connection", f"{delta * 1024 / c['connections']:,.0f} bytes ({r['rss_before_kib']} -> {r['rss_held_kib']} KiB)"))
-    ts = [r for r in c["rss"] if r["name"] != "gateway"]
+    ts = [r for r in c["rss"] if r["name"].startswith("ts-")]
     if ts:
         delta = sum(r["rss_held_kib"] - r["rss_before_kib"] for r in ts)
         detail = ", ".join(f"{r['name']} {r['rss_before_kib']} -> {r['rss_held_kib']} KiB" for r in ts)
@@ -209,6 +213,40 @@ try:
 except Exception:
     cross = "n/a"
 rows.append(("cross-node messages per publish, fan-out run (2 gateways subscribed)", cross))
+
+# CPU per delivery (or per connection) of every process of a run, the generator included.
+cores = os.cpu_count() or 1
+def step_of(name, which):
+    s = load(name)
+    if not s: return None
+    return s.get("best") if which == "best" else (s.get("steps") or [None])[0]
+def cpu(name, which="best"):
+    st = step_of(name, which)
+    if not st or "kernel_us_per_delivery" not in st: return "n/a"
+    return f"{st['user_us_per_delivery']:.2f} us user + {st['kernel_us_per_delivery']:.2f} us kernel per delivery at {st['rate']:.0f} msg/s"
+rows.append(("CPU per delivery, every process (cluster or bare, and the generator):", ""))
+rows.append((f"  fan-out {fa['subscribers'] if fa else '?'}, best step: ringcast", cpu("fanout_a")))
+rows.append(("                              bare", cpu("bare_a")))
+rows.append((f"  topics {t['topics'] if t else '?'} x 10, best step: ringcast", cpu("topics")))
+rows.append(("  light load: ringcast", cpu("latency", "first")))
+rows.append(("              bare", cpu("bare_latency", "first")))
+# The floor: the kernel time the bare broadcaster and the generator spent, per delivery or
+# connection. Any server here must write each subscriber's socket and the client read it,
+# so no server spreads one message's deliveries over the cores faster than this.
+rows.append(("kernel time alone, bare broadcaster + generator (the floor on this machine):", ""))
+def floor_delivery(name, label):
+    st = step_of(name, "first")
+    if not st or "kernel_us_per_delivery" not in st: return
+    subs = load(name)["subscribers"]
+    k = st["kernel_us_per_delivery"]
+    whole = subs * k / 1000 / cores
+    rows.append((f"  {label}, {subs} subscribers at {st['rate']:.0f} msg/s: {k:.1f} us per delivery",
+                 f"one message >= {whole:.1f} ms of all {cores} cores (median subscriber >= {whole / 2:.1f} ms)"))
+floor_delivery("bare_latency", "light load")
+floor_delivery("bare_b100", "fan-out")
+if bc and "kernel_us_per_connection" in bc:
+    k = bc["kernel_us_per_connection"]
+    rows.append((f"  connect+join: {k:.0f} us per connection", f"at most {cores * 1e6 / k:,.0f} connect+join/s on {cores} cores"))
 w = max(len(r[0]) for r in rows)
 print()
 print("ringcast benchmark (" + os.uname().nodename + f", {os.cpu_count()} cores, everything on one machine)")

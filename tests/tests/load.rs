@@ -101,10 +101,11 @@ async fn topics_workload_counts_every_delivery() {
     assert_no_loss(&summary, 3);
 }
 
-/// Runs the conns workload; checks it held all `connections` and measured a rate.
-async fn assert_conns_held(gateways: &str, connections: u32, procs: u32) {
+/// Runs the conns workload (with `extra` arguments); checks it held all `connections` and
+/// measured a rate; returns the summary.
+async fn assert_conns_held(gateways: &str, connections: u32, procs: u32, extra: &[&str]) -> Value {
     let (n, procs) = (connections.to_string(), procs.to_string());
-    let summary = load(&[
+    let mut args = vec![
         "conns",
         "--gateways",
         gateways,
@@ -114,16 +115,26 @@ async fn assert_conns_held(gateways: &str, connections: u32, procs: u32) {
         &procs,
         "--hold-secs",
         "1",
-    ])
-    .await;
+    ];
+    args.extend(extra);
+    let summary = load(&args).await;
     assert_eq!(summary["connections"], connections, "{summary}");
     assert!(summary["connect_join_per_s"].as_f64().unwrap() > 0.0);
+    summary
+}
+
+/// The names of the processes whose CPU time `cpu` (a summary's or a step's) reports.
+fn cpu_names(cpu: &Value) -> Vec<&str> {
+    let procs = cpu["procs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no procs in {cpu}"));
+    procs.iter().map(|p| p["name"].as_str().unwrap()).collect()
 }
 
 #[tokio::test]
 async fn conns_workload_holds_its_connections() {
     let cluster = Cluster::start().await;
-    assert_conns_held(&gateways(&cluster), 60, 2).await;
+    assert_conns_held(&gateways(&cluster), 60, 2, &[]).await;
 }
 
 /// `ringcast-bare` on an ephemeral port; the address it printed.
@@ -150,15 +161,41 @@ async fn start_bare() -> (Child, String) {
 
 #[tokio::test]
 async fn the_bare_broadcaster_serves_the_fanout_workload() {
-    let (_bare, url) = start_bare().await;
-    let mut args = vec!["fanout", "--gateways", &url, "--subscribers", "40"];
+    let (bare, url) = start_bare().await;
+    let watch = format!("bare={}", bare.id().unwrap());
+    let mut args = vec![
+        "fanout",
+        "--gateways",
+        &url,
+        "--subscribers",
+        "40",
+        "--watch",
+        &watch,
+    ];
     args.extend(FIXED);
     let summary = load(&args).await;
     assert_no_loss(&summary, 40);
+    let step = &summary["steps"][0];
+    assert_eq!(cpu_names(&step["cpu"]), ["generator", "bare"], "{step}");
+    assert!(
+        step["kernel_us_per_delivery"].as_f64().unwrap() >= 0.0,
+        "{step}"
+    );
 }
 
 #[tokio::test]
 async fn the_bare_broadcaster_serves_the_conns_workload() {
-    let (_bare, url) = start_bare().await;
-    assert_conns_held(&url, 30, 1).await;
+    let (bare, url) = start_bare().await;
+    let watch = format!("bare={}", bare.id().unwrap());
+    let summary = assert_conns_held(&url, 30, 1, &["--watch", &watch]).await;
+    assert_eq!(
+        cpu_names(&summary["cpu"]),
+        ["generator", "bare", "generator worker 0"],
+        "{summary}"
+    );
+    assert!(summary["kernel_us_per_connection"].as_f64().unwrap() >= 0.0);
+    assert!(
+        summary["rss"][0]["rss_held_kib"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
 }

@@ -1,9 +1,10 @@
-//! The `conns` workload: C joined idle connections, held; the connect+join rate and the
-//! RSS of watched processes. More connections than one process may hold (20,000 files)
+//! The `conns` workload: C joined idle connections, held; the connect+join rate, the CPU
+//! time the connect phase cost (generator and watched processes) and the RSS of watched
+//! processes. More connections than one process may hold (20,000 files)
 //! are spread over worker processes.
 
-use crate::ConnsArgs;
-use crate::fanout;
+use crate::cpu::{self, Watched};
+use crate::{ConnsArgs, fanout};
 use serde_json::json;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -24,22 +25,12 @@ pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-fn watched(args: &ConnsArgs) -> Vec<(String, u32)> {
-    args.watch
-        .iter()
-        .filter_map(|w| {
-            let (name, pid) = w.split_once('=')?;
-            Some((name.to_owned(), pid.parse().ok()?))
-        })
-        .collect()
-}
-
 pub async fn run(args: ConnsArgs) -> anyhow::Result<()> {
     if let Some(first) = args.worker {
         return worker(&args, first).await;
     }
-    let watch = watched(&args);
-    let before: Vec<Option<(u64, u64)>> = watch.iter().map(|(_, pid)| rss_kib(*pid)).collect();
+    let watch = &args.common.watch;
+    let before: Vec<Option<(u64, u64)>> = watch.iter().map(|w| rss_kib(w.pid)).collect();
     let procs = args.procs.max(1);
     let share = args.connections.div_ceil(procs);
     let exe = std::env::current_exe()?;
@@ -71,6 +62,17 @@ pub async fn run(args: ConnsArgs) -> anyhow::Result<()> {
         readers.push(BufReader::new(child.stdout.take().expect("stdout")).lines());
         children.push(child);
     }
+    // The workers have only just started: their CPU time from here on is the connect phase.
+    let mut procs_cpu = cpu::with_generator(watch);
+    for (w, child) in children.iter().enumerate() {
+        if let Some(pid) = child.id() {
+            procs_cpu.push(Watched {
+                name: format!("generator worker {w}"),
+                pid,
+            });
+        }
+    }
+    let cpu_before = cpu::sample(&procs_cpu);
     let mut joined = 0usize;
     for lines in &mut readers {
         while let Some(line) = lines.next_line().await? {
@@ -85,12 +87,18 @@ pub async fn run(args: ConnsArgs) -> anyhow::Result<()> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let rate = joined as f64 / elapsed;
+    let cpu_used = cpu::used(&cpu_before, &cpu::sample(&procs_cpu));
+    let per_conn = |key: &str| cpu_used[key].as_f64().unwrap_or(0.0) * 1e6 / joined.max(1) as f64;
+    let (user_us, kernel_us) = (per_conn("user_s"), per_conn("sys_s"));
     // Let the processes settle, then sample while every connection is held.
     tokio::time::sleep(Duration::from_secs_f64((args.hold_secs / 2.0).min(2.0))).await;
-    let during: Vec<Option<(u64, u64)>> = watch.iter().map(|(_, pid)| rss_kib(*pid)).collect();
+    let during: Vec<Option<(u64, u64)>> = watch.iter().map(|w| rss_kib(w.pid)).collect();
     println!("{joined} connections joined in {elapsed:.2} s: {rate:.0} connect+join/s");
+    println!(
+        "CPU per connect+join (generator and watched processes): {user_us:.0} us user, {kernel_us:.0} us kernel"
+    );
     let mut rss = Vec::new();
-    for (((name, pid), b), d) in watch.iter().zip(&before).zip(&during) {
+    for ((Watched { name, pid }, b), d) in watch.iter().zip(&before).zip(&during) {
         let (Some((b, _)), Some((d, peak))) = (b, d) else {
             continue;
         };
@@ -103,7 +111,8 @@ pub async fn run(args: ConnsArgs) -> anyhow::Result<()> {
     }
     let summary = json!({
         "workload": "conns", "connections": joined, "procs": procs, "seconds": elapsed,
-        "connect_join_per_s": rate, "rss": rss,
+        "connect_join_per_s": rate, "rss": rss, "cpu": cpu_used,
+        "user_us_per_connection": user_us, "kernel_us_per_connection": kernel_us,
     });
     println!("SUMMARY {summary}");
     Ok(())

@@ -1,7 +1,7 @@
 //! The `fanout` workload (S subscribers on one topic) and the ramp shared with `topics`.
 
 use crate::client::{self, Ws};
-use crate::{Common, Ramp, stats};
+use crate::{Common, Ramp, cpu, stats};
 use futures::SinkExt;
 use futures::stream::{SplitSink, StreamExt};
 use serde_json::json;
@@ -101,14 +101,17 @@ async fn publish_for(
 
 /// Runs the ramp: one step per rate until a step fails. `fanout` is the number of
 /// deliveries each published message should produce. Prints one row per step and returns
-/// the JSON of every step and of the best passing one.
+/// the JSON of every step (with the CPU time the generator and `watch` used in it) and of
+/// the best passing one.
 pub async fn run_ramp(
     ramp: &Ramp,
     fanout: u64,
     pubs: &mut [Publisher],
+    watch: &[cpu::Watched],
 ) -> (Vec<serde_json::Value>, Option<serde_json::Value>) {
+    let procs = cpu::with_generator(watch);
     println!(
-        "{:>5} {:>10} {:>12} {:>12} {:>12} {:>8} {:>9} {:>9} {:>9} {:>9}  result",
+        "{:>5} {:>10} {:>12} {:>12} {:>12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  result",
         "step",
         "msgs/s",
         "offered/s",
@@ -118,12 +121,15 @@ pub async fn run_ramp(
         "p50 ms",
         "p90 ms",
         "p99 ms",
-        "max ms"
+        "max ms",
+        "user us",
+        "kern us"
     );
     let (mut rows, mut best, mut failures) = (Vec::new(), None, 0);
     let duration = ramp.step_duration();
     for (step, rate) in ramp.rates().into_iter().enumerate() {
         let closed_before = stats::closed_count();
+        let cpu_before = cpu::sample(&procs);
         let start = Instant::now();
         let sent = publish_for(pubs, rate, duration, step, ramp.payload).await;
         let expected = sent * fanout;
@@ -141,7 +147,12 @@ pub async fn run_ramp(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let elapsed = start.elapsed().as_secs_f64();
+        let cpu_used = cpu::used(&cpu_before, &cpu::sample(&procs));
         let received = stats::count(step);
+        // CPU per delivery, the generator's and the watched processes' together.
+        let per_delivery =
+            |key: &str| cpu_used[key].as_f64().unwrap_or(0.0) * 1e6 / received.max(1) as f64;
+        let (user_us, kernel_us) = (per_delivery("user_s"), per_delivery("sys_s"));
         let hist = stats::merged(step);
         let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
         let (p50, p90, p99, max) = (ms(0.5), ms(0.9), ms(0.99), hist.max() as f64 / 1000.0);
@@ -163,11 +174,12 @@ pub async fn run_ramp(
             "CLOSED"
         };
         println!(
-            "{step:>5} {rate:>10.0} {offered:>12.0} {achieved:>12.0} {received:>12} {lost:>8} {p50:>9.2} {p90:>9.2} {p99:>9.2} {max:>9.2}  {verdict}"
+            "{step:>5} {rate:>10.0} {offered:>12.0} {achieved:>12.0} {received:>12} {lost:>8} {p50:>9.2} {p90:>9.2} {p99:>9.2} {max:>9.2} {user_us:>9.2} {kernel_us:>9.2}  {verdict}"
         );
         let row = json!({
             "step": step, "rate": rate, "sent": sent, "offered_per_s": offered, "achieved_per_s": achieved,
             "delivered": received, "lost": lost, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max, "pass": pass,
+            "cpu": cpu_used, "user_us_per_delivery": user_us, "kernel_us_per_delivery": kernel_us,
         });
         rows.push(row.clone());
         if pass {
@@ -204,7 +216,7 @@ pub async fn run(common: Common, ramp: Ramp, subscribers: usize) -> anyhow::Resu
         topics: vec![(1, topic.clone())],
         next: 0,
     }];
-    let (rows, best) = run_ramp(&ramp, subscribers as u64, &mut pubs).await;
+    let (rows, best) = run_ramp(&ramp, subscribers as u64, &mut pubs, &common.watch).await;
     let summary = json!({
         "workload": "fanout", "subscribers": subscribers, "payload": ramp.payload, "p99_bound_ms": ramp.p99_ms,
         "connect_join_per_s": connect_rate, "best": best, "steps": rows, "closed_subscribers": stats::closed_count(),

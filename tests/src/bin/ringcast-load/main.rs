@@ -7,6 +7,7 @@
 
 mod client;
 mod conns;
+mod cpu;
 mod fanout;
 mod receiver;
 mod stats;
@@ -51,6 +52,11 @@ pub struct Common {
     /// Threads reading the subscriber sockets (epoll, no task per socket).
     #[arg(long, default_value_t = default_threads())]
     receiver_threads: usize,
+    /// Server processes to report on (`name=pid`, comma-separated): their CPU time (user and
+    /// kernel) per ramp step or connect phase, next to the generator's own; `conns` also
+    /// reports their RSS before and while holding.
+    #[arg(long, value_delimiter = ',', value_parser = cpu::parse_watched)]
+    watch: Vec<cpu::Watched>,
 }
 
 fn default_threads() -> usize {
@@ -147,9 +153,6 @@ struct ConnsArgs {
     /// Worker processes to spread the connections over (a process may hold 20,000 files).
     #[arg(long, default_value_t = 1)]
     procs: usize,
-    /// Processes whose RSS to report (`name=pid`), sampled before and while holding.
-    #[arg(long, value_delimiter = ',')]
-    watch: Vec<String>,
     /// Internal: run as a worker holding connections [first, first+count).
     #[arg(long, hide = true)]
     worker: Option<usize>,
