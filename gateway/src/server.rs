@@ -255,6 +255,7 @@ async fn status(State(state): State<AppState>) -> impl IntoResponse {
         "slow_consumers": m.slow_consumers.load(Relaxed),
         "interrupted_channels": m.interrupted_channels.load(Relaxed),
         "gaps": m.gaps.load(Relaxed),
+        "moves": m.moves.load(Relaxed),
     }))
 }
 
