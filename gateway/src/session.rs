@@ -29,6 +29,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
@@ -93,6 +94,8 @@ enum Step {
 /// Close codes used by the gateway (never 1000: phoenix.js would not reconnect).
 mod close {
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const RESTART: u16 = 1012;
@@ -185,8 +188,9 @@ impl Session {
 
     fn on_frame(&mut self, f: InFrame<'_>, out: &mut Vec<String>) {
         match (f.topic.as_str(), f.event.as_str()) {
+            // As Phoenix: the reply's join_ref is null, whatever the heartbeat carried.
             ("phoenix", "heartbeat") => out.push(codec::reply(
-                self.vsn, f.join_ref, f.msg_ref, "phoenix", "ok", "{}",
+                self.vsn, None, f.msg_ref, "phoenix", "ok", "{}",
             )),
             (_, "phx_join") => self.join(f, out),
             (_, "phx_leave") => self.leave(f, out),
@@ -282,9 +286,6 @@ impl Session {
         if !joined {
             return self.reply_error(None, f.msg_ref, &f.topic, "unmatched topic", out);
         };
-        if f.event.starts_with("phx_") {
-            return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unsupported event", out);
-        }
         let (event, payload) = if f.event == "publish" {
             match serde_json::from_str::<(String, &RawValue)>(f.payload) {
                 Ok((event, payload)) => (event, payload.get()),
@@ -301,6 +302,9 @@ impl Session {
         } else {
             (f.event.clone(), f.payload)
         };
+        if reserved_event(&event) {
+            return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unsupported event", out);
+        }
         // To the topic's owner under the ring in force (which orders it).
         let Some(link) = self.gateway.routing.route(&f.topic) else {
             return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unavailable", out);
@@ -647,12 +651,23 @@ fn close_for(cut: Cut, metrics: &Metrics) -> (u16, &'static str) {
     }
 }
 
-/// Maps a read error to a close: an oversized message gets 1009, anything else just ends.
+/// Maps a read error to a close: an oversized message gets 1009, a text frame that is not
+/// UTF-8 1007, a broken websocket frame 1002; a dropped connection just ends.
 fn read_error(e: WsError) -> Option<(u16, &'static str)> {
     match e {
         WsError::Capacity(_) => Some((close::TOO_BIG, "message too big")),
+        WsError::Utf8(_) => Some((close::INVALID_DATA, "invalid utf-8")),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(_) => Some((close::PROTOCOL, "protocol error")),
         _ => None,
     }
+}
+
+/// Events a client may not broadcast, directly or inside a `publish`: Phoenix's control
+/// events (`phx_close` would close every subscriber's channel, `phx_error` make them all
+/// rejoin) and phoenix.js's reply events (`chan_reply_<ref>` resolves a pending push).
+fn reserved_event(event: &str) -> bool {
+    event.starts_with("phx_") || event.starts_with("chan_reply_")
 }
 
 #[cfg(test)]

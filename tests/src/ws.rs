@@ -37,6 +37,19 @@ impl WsClient {
             .expect("send frame");
     }
 
+    /// Sends one websocket text frame holding `data` as it is (valid UTF-8 or not), with
+    /// the first reserved bit set if `rsv1` (no extension was agreed, so a protocol error).
+    pub async fn send_raw_text(&mut self, data: &'static [u8], rsv1: bool) {
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        let mut frame = Frame::message(data, OpCode::Data(Data::Text), true);
+        frame.header_mut().rsv1 = rsv1;
+        self.ws
+            .send(Message::Frame(frame))
+            .await
+            .expect("send raw frame");
+    }
+
     /// Sends a websocket ping (the server answers with a pong of the same data).
     pub async fn send_ping(&mut self, data: &'static [u8]) {
         self.ws

@@ -99,6 +99,24 @@ async fn custom_events_broadcast_under_their_own_name() {
             r#"["1","9","room:chat","publish",[1,{}]]"#,
             "publish payload must be [event, payload]",
         ),
+        // Wrapped in a publish, a control event would close or error every subscriber's
+        // channel; a `chan_reply_<ref>` event would resolve their pending pushes.
+        (
+            r#"["1","10","room:chat","publish",["phx_close",{}]]"#,
+            "unsupported event",
+        ),
+        (
+            r#"["1","11","room:chat","publish",["phx_error",{}]]"#,
+            "unsupported event",
+        ),
+        (
+            r#"["1","12","room:chat","publish",["chan_reply_3",{"status":"ok"}]]"#,
+            "unsupported event",
+        ),
+        (
+            r#"["1","13","room:chat","chan_reply_3",{"status":"ok"}]"#,
+            "unsupported event",
+        ),
     ] {
         a.send_text(frame).await;
         let reply = a.recv_json().await;
@@ -221,6 +239,38 @@ async fn oversized_frames_close_with_1009_and_spare_others() {
     assert_eq!(
         other.recv_text().await,
         r#"["1",null,"room:big","e","small"]"#
+    );
+}
+
+#[tokio::test]
+async fn broken_websocket_frames_close_with_a_code_and_spare_others() {
+    let cluster = Cluster::start().await;
+    let mut other = WsClient::connect(&cluster.ws_url(0)).await;
+    other.join_ok("room:broken", "1").await;
+    for (data, rsv1, code, reason) in [
+        (
+            &b"[\"1\",\"2\",\"room:broken\",\"e\",\"\xff\xfe\"]"[..],
+            false,
+            1007,
+            "invalid utf-8",
+        ),
+        (&b"[]"[..], true, 1002, "protocol error"),
+    ] {
+        let mut bad = WsClient::connect(&cluster.ws_url(0)).await;
+        bad.join_ok("room:broken", "1").await;
+        bad.send_raw_text(data, rsv1).await;
+        assert_eq!(
+            bad.recv_end().await,
+            Ended::Closed(Some((code, reason.into())))
+        );
+    }
+    assert!(other.sync().await.is_empty());
+    other
+        .publish("1", "room:broken", "e", json!("still here"))
+        .await;
+    assert_eq!(
+        other.recv_text().await,
+        r#"["1",null,"room:broken","e","still here"]"#
     );
 }
 

@@ -56,6 +56,12 @@ async fn the_seed_transcript_byte_for_byte() {
         a.recv_text().await,
         r#"[null,"3","phoenix","phx_reply",{"status":"ok","response":{}}]"#
     );
+    // A heartbeat's reply carries a null join_ref whatever the client put there.
+    a.send_text(r#"["9","5","phoenix","heartbeat",{}]"#).await;
+    assert_eq!(
+        a.recv_text().await,
+        r#"[null,"5","phoenix","phx_reply",{"status":"ok","response":{}}]"#
+    );
 
     a.send_text(r#"["1","4","topics:matrix","phx_leave",{}]"#)
         .await;
