@@ -5,7 +5,7 @@
 
 use ringcast_ring::Ring;
 use ringcast_tests::traffic::{Report, Traffic};
-use ringcast_tests::{Cluster, ClusterSpec, NodeClient, RingTarget, eventually};
+use ringcast_tests::{Cluster, ClusterSpec, NodeClient, RingTarget, WsClient, eventually};
 use serde_json::json;
 use std::time::Duration;
 
@@ -234,4 +234,53 @@ async fn the_new_ring_reaching_topic_servers_before_gateways() {
     publish_a_while(&traffic).await;
     assert!(traffic.published() > before);
     assert_seamless(&traffic.finish(&cluster).await);
+}
+
+#[tokio::test]
+async fn a_gateway_that_dies_while_its_join_waits_for_a_handoff_leaves_no_subscription() {
+    let mut cluster = Cluster::start().await;
+    let topic = cluster.topic_on(0, "parked");
+    // ts-a holds the topic (one logged message) with no subscriber.
+    let mut first = WsClient::connect(&cluster.ws_url(0)).await;
+    first.join_ok(&topic, "1").await;
+    first.publish("1", &topic, "e", json!(1)).await;
+    drop(first);
+    cluster.topic_servers[0]
+        .wait_status("the topic held with no subscriber", |s| {
+            s["subscriptions"] == 0 && s["topics"] == 1
+        })
+        .await;
+    // Ring 2 gives every topic to ts-b; ts-a is paused, so ts-b's fetch of the topic waits.
+    cluster.topic_servers[0].pause();
+    cluster.write_ring_for(RingTarget::All, 2, &cluster.nodes(&[1]));
+    cluster.topic_servers[1]
+        .wait_status("ts-b on ring 2", |s| s["ring_version"] == 2)
+        .await;
+    cluster.gateways[1]
+        .wait_status("gw-1 on ring 2", |s| s["ring_version"] == 2)
+        .await;
+    let mut joiner = WsClient::connect(&cluster.ws_url(1)).await;
+    joiner
+        .send_text(format!(r#"["1","1","{topic}","phx_join",{{}}]"#))
+        .await;
+    cluster.topic_servers[1]
+        .wait_status("the join parked at ts-b", |s| s["parked"] == 1)
+        .await;
+    // Its gateway dies while the join waits.
+    cluster.gateways[1].kill();
+    cluster.topic_servers[1]
+        .wait_status("gw-1's stream ended", |s| {
+            s["gateways"].as_array().is_some_and(|g| g.len() == 1)
+        })
+        .await;
+    cluster.topic_servers[0].resume();
+    let status = cluster.topic_servers[1]
+        .wait_status("the fetch ended", |s| s["fetching"] == 0)
+        .await;
+    assert_eq!(status["handoffs_in"], 1, "{status}");
+    assert_eq!(
+        status["subscriptions"], 0,
+        "no subscription for a dead stream: {status}"
+    );
+    assert_eq!(status["topics"], 1, "{status}");
 }

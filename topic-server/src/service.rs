@@ -125,6 +125,9 @@ pub struct StatusSnapshot {
     pub ring_version: u64,
     /// Topics held here that this node owns under its ring.
     pub owned_topics: usize,
+    /// Topics being fetched from a previous owner, and the requests waiting for them.
+    pub fetching: usize,
+    pub parked: usize,
     /// Why the last edit of the ring file was refused, while the file in place is not the
     /// ring in force.
     pub ring_refused: Option<String>,
@@ -410,9 +413,12 @@ impl TopicService {
     pub fn status(&self) -> StatusSnapshot {
         let s = &self.shared;
         let (mut topics, mut subscriptions, mut log_messages, mut log_bytes) = (0, 0, 0, 0);
-        let mut owned_topics = 0;
+        let (mut owned_topics, mut fetching, mut parked) = (0, 0, 0);
         for shard in s.shards.iter() {
-            let shard = &shard.lock().registry;
+            let shard = shard.lock();
+            fetching += shard.parked.len();
+            parked += shard.parked.values().map(Vec::len).sum::<usize>();
+            let shard = &shard.registry;
             topics += shard.topic_count();
             owned_topics += s.ownership.count_owned(shard.topic_names());
             subscriptions += shard.subscription_count();
@@ -435,6 +441,8 @@ impl TopicService {
             node_id: s.ownership.node_id().map(str::to_owned),
             ring_version: s.ownership.version(),
             owned_topics,
+            fetching,
+            parked,
             ring_refused: None,
             topics,
             subscriptions,
@@ -763,6 +771,12 @@ impl Shared {
         }
         let refused = self.refused_version(shard.registry.moved(&topic));
         for (link, request) in shard.parked.remove(&topic).unwrap_or_default() {
+            if link.0.closed.is_cancelled() && !matches!(request, TopicRequest::Publish(_)) {
+                // Its gateway's stream ended while the topic was fetched: the subscription
+                // would outlive the stream (its subscriptions were dropped already, or are
+                // being dropped and this one would be missed).
+                continue;
+            }
             match refused {
                 _ if !self.ownership.owns(&topic) => {
                     let version = self.ownership.version();
