@@ -236,11 +236,11 @@ async fn the_new_ring_reaching_topic_servers_before_gateways() {
     assert_seamless(&traffic.finish(&cluster).await);
 }
 
-#[tokio::test]
-async fn a_gateway_that_dies_while_its_join_waits_for_a_handoff_leaves_no_subscription() {
-    let mut cluster = Cluster::start().await;
+/// Makes a join of a topic wait at ts-b: ts-a holds the topic (one logged message, no
+/// subscriber), ring 2 gives everything to ts-b, and ts-a is paused so ts-b's fetch waits.
+/// Returns the joining client (on gw-1) once its join is parked.
+async fn park_a_join(cluster: &Cluster) -> WsClient {
     let topic = cluster.topic_on(0, "parked");
-    // ts-a holds the topic (one logged message) with no subscriber.
     let mut first = WsClient::connect(&cluster.ws_url(0)).await;
     first.join_ok(&topic, "1").await;
     first.publish("1", &topic, "e", json!(1)).await;
@@ -250,7 +250,6 @@ async fn a_gateway_that_dies_while_its_join_waits_for_a_handoff_leaves_no_subscr
             s["subscriptions"] == 0 && s["topics"] == 1
         })
         .await;
-    // Ring 2 gives every topic to ts-b; ts-a is paused, so ts-b's fetch of the topic waits.
     cluster.topic_servers[0].pause();
     cluster.write_ring_for(RingTarget::All, 2, &cluster.nodes(&[1]));
     cluster.topic_servers[1]
@@ -266,21 +265,51 @@ async fn a_gateway_that_dies_while_its_join_waits_for_a_handoff_leaves_no_subscr
     cluster.topic_servers[1]
         .wait_status("the join parked at ts-b", |s| s["parked"] == 1)
         .await;
-    // Its gateway dies while the join waits.
+    joiner
+}
+
+/// Resumes ts-a; once ts-b has fetched the topic and served what waited, returns its status.
+async fn fetched(cluster: &Cluster) -> serde_json::Value {
+    cluster.topic_servers[0].resume();
+    let status = cluster.topic_servers[1]
+        .wait_status("the fetch ended", |s| s["fetching"] == 0)
+        .await;
+    assert_eq!(status["handoffs_in"], 1, "{status}");
+    assert_eq!(status["topics"], 1, "{status}");
+    status
+}
+
+#[tokio::test]
+async fn a_gateway_that_dies_while_its_join_waits_for_a_handoff_leaves_no_subscription() {
+    let mut cluster = Cluster::start().await;
+    let _joiner = park_a_join(&cluster).await;
     cluster.gateways[1].kill();
     cluster.topic_servers[1]
         .wait_status("gw-1's stream ended", |s| {
             s["gateways"].as_array().is_some_and(|g| g.len() == 1)
         })
         .await;
-    cluster.topic_servers[0].resume();
-    let status = cluster.topic_servers[1]
-        .wait_status("the fetch ended", |s| s["fetching"] == 0)
-        .await;
-    assert_eq!(status["handoffs_in"], 1, "{status}");
+    let status = fetched(&cluster).await;
     assert_eq!(
         status["subscriptions"], 0,
         "no subscription for a dead stream: {status}"
     );
-    assert_eq!(status["topics"], 1, "{status}");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_while_its_join_waits_for_a_handoff_leaves_no_subscription() {
+    let cluster = Cluster::start().await;
+    let joiner = park_a_join(&cluster).await;
+    drop(joiner);
+    cluster.topic_servers[1]
+        .wait_status("the leave waits behind the join", |s| s["parked"] == 2)
+        .await;
+    let status = fetched(&cluster).await;
+    assert_eq!(
+        status["subscriptions"], 0,
+        "the leave came after the join: {status}"
+    );
+    cluster.gateways[1]
+        .wait_status("gw-1 holds nothing", |s| s["subscriptions"] == 0)
+        .await;
 }

@@ -16,8 +16,8 @@ use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
 use ringcast_proto::take_reply::Outcome;
 use ringcast_proto::{
-    Delivery, Down, DownBatch, LogEntry, Move, Publish, Subscribe, TakeReply, TakeRequest, Up,
-    UpBatch, up,
+    Delivery, Down, DownBatch, LogEntry, Move, Publish, Subscribe, TakeReply, TakeRequest,
+    Unsubscribe, Up, UpBatch, up,
 };
 use ringcast_ring::{NodeSpec, Ring};
 use std::collections::HashMap;
@@ -160,6 +160,8 @@ enum TopicRequest {
     Subscribe(Subscribe),
     Publish(Publish),
     Move(Move),
+    /// Waits only behind a parked join of the same topic, to stay in order after it.
+    Unsubscribe(Unsubscribe),
 }
 
 impl TopicRequest {
@@ -168,6 +170,7 @@ impl TopicRequest {
             TopicRequest::Subscribe(r) => &r.topic,
             TopicRequest::Publish(r) => &r.topic,
             TopicRequest::Move(r) => &r.topic,
+            TopicRequest::Unsubscribe(r) => &r.topic,
         }
     }
 
@@ -177,6 +180,7 @@ impl TopicRequest {
             TopicRequest::Subscribe(r) => &r.previous_owner,
             TopicRequest::Publish(r) => &r.previous_owner,
             TopicRequest::Move(r) => &r.previous_owner,
+            TopicRequest::Unsubscribe(_) => return None,
         };
         (!hint.is_empty()).then_some(hint.as_str())
     }
@@ -186,6 +190,7 @@ impl TopicRequest {
             TopicRequest::Subscribe(r) => r.request_id,
             TopicRequest::Publish(r) => r.request_id,
             TopicRequest::Move(r) => r.request_id,
+            TopicRequest::Unsubscribe(r) => r.request_id,
         }
     }
 }
@@ -546,14 +551,12 @@ impl Shared {
                 return self.heard_of(hello.ring_version);
             }
             up::Kind::Unsubscribe(unsub) => {
+                // Served whoever owns the topic, but after a join of it still parked here.
                 let mut shard = self.shard(&unsub.topic).lock();
-                let shard = &mut shard.registry;
-                shard.unsubscribe(&unsub.topic, link, unsub.subscriber);
-                let Position { epoch, offset } = shard.position(&unsub.topic).unwrap_or(Position {
-                    epoch: 0,
-                    offset: 0,
-                });
-                return self.send(&link.0, Down::ack(unsub.request_id, epoch, offset));
+                if let Some(queue) = shard.parked.get_mut(&unsub.topic) {
+                    return queue.push((link.clone(), TopicRequest::Unsubscribe(unsub)));
+                }
+                return self.unsubscribe(&mut shard.registry, link, unsub);
             }
             up::Kind::Subscribe(r) => TopicRequest::Subscribe(r),
             up::Kind::Publish(r) => TopicRequest::Publish(r),
@@ -611,6 +614,15 @@ impl Shared {
             .filter(|v| *v > self.ownership.version())
     }
 
+    fn unsubscribe(&self, shard: &mut TopicRegistry<LinkRef>, link: &LinkRef, unsub: Unsubscribe) {
+        shard.unsubscribe(&unsub.topic, link, unsub.subscriber);
+        let Position { epoch, offset } = shard.position(&unsub.topic).unwrap_or(Position {
+            epoch: 0,
+            offset: 0,
+        });
+        self.send(&link.0, Down::ack(unsub.request_id, epoch, offset));
+    }
+
     fn serve(&self, shard: &mut Shard, link: &LinkRef, request: TopicRequest) {
         let shard = &mut shard.registry;
         let now = Instant::now();
@@ -643,6 +655,7 @@ impl Shared {
                     self.send(&link.0, Down::ack(mv.request_id, 0, 0));
                 }
             }
+            TopicRequest::Unsubscribe(unsub) => self.unsubscribe(shard, link, unsub),
             TopicRequest::Publish(publish) => {
                 self.stats.publishes.fetch_add(1, Relaxed);
                 let published =
@@ -777,6 +790,10 @@ impl Shared {
                 // being dropped and this one would be missed).
                 continue;
             }
+            if let TopicRequest::Unsubscribe(unsub) = request {
+                self.unsubscribe(&mut shard.registry, &link, unsub);
+                continue;
+            }
             match refused {
                 _ if !self.ownership.owns(&topic) => {
                     let version = self.ownership.version();
@@ -808,6 +825,7 @@ impl Shared {
             TopicRequest::Subscribe(r) => r.topic,
             TopicRequest::Publish(r) => r.topic,
             TopicRequest::Move(r) => r.topic,
+            TopicRequest::Unsubscribe(r) => r.topic,
         };
         self.send(&link.0, Down::wrong_owner(id, topic, version));
     }
