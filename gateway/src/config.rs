@@ -110,8 +110,9 @@ struct Cli {
     /// before it is closed as too slow (1013).
     #[arg(long, env = "GATEWAY_CLIENT_QUEUE", value_name = "GATEWAY_CLIENT_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(8..))]
     client_queue: u32,
-    /// Largest client websocket message in bytes (larger: close 1009).
-    #[arg(long, env = "GATEWAY_MAX_FRAME_BYTES", value_name = "GATEWAY_MAX_FRAME_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
+    /// Largest client websocket message in bytes (larger: close 1009); at most 8 MiB, so that
+    /// a publish fits one gRPC message to the topic server.
+    #[arg(long, env = "GATEWAY_MAX_FRAME_BYTES", value_name = "GATEWAY_MAX_FRAME_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..=8_388_608))]
     max_frame_bytes: u32,
     /// Seconds without any client frame before the socket is closed (1001).
     #[arg(long, env = "GATEWAY_IDLE_TIMEOUT_SECS", value_name = "GATEWAY_IDLE_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -188,5 +189,12 @@ mod tests {
         assert_eq!(parsed(&["--link-threads", "4"]).unwrap(), 4);
         let error = parsed(&["--link-threads", "300"]).unwrap_err().to_string();
         assert!(error.contains("GATEWAY_LINK_THREADS"), "{error}");
+        // A publish must fit one gRPC message to the topic server.
+        let frame = |v: &str| {
+            Cli::try_parse_from(["gateway", "--max-frame-bytes", v]).map(|c| c.max_frame_bytes)
+        };
+        assert_eq!(frame("8388608").unwrap(), 8 << 20);
+        let error = frame("16777216").unwrap_err().to_string();
+        assert!(error.contains("GATEWAY_MAX_FRAME_BYTES"), "{error}");
     }
 }

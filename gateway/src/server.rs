@@ -80,7 +80,7 @@ pub async fn run(
             let factory = LinkFactory {
                 ctx,
                 keepalive: config.keepalive,
-                max_message_bytes: 16 * 1024 * 1024,
+                max_message_bytes: ringcast_proto::batch::MAX_MESSAGE_BYTES,
                 stop: links_stop.clone(),
                 tasks: link_tasks.clone(),
                 runtime: link_runtime.handle().clone(),

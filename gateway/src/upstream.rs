@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
-use ringcast_proto::{Delivery, Down, DownBatch, TopicServerClient, Up, UpBatch, down};
+use ringcast_proto::{Delivery, Down, DownBatch, TopicServerClient, Up, UpBatch, batch, down};
 use ringcast_ring::Ring;
 use ringcast_topic_server::TopicService;
 use std::collections::HashMap;
@@ -26,8 +26,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-/// Requests drained into one upstream batch at most.
-const MAX_BATCH: usize = 1024;
 /// Batches from a topic server applied together when they have all arrived.
 const READY_BATCHES: usize = 32;
 
@@ -415,7 +413,9 @@ impl UpstreamLink {
                 let ring_version = ring_version.clone();
                 async move {
                     let mut items = Vec::new();
-                    if rx.recv_many(&mut items, MAX_BATCH).await == 0 {
+                    if batch::recv(&mut rx, &mut items, batch::MAX_ITEMS, batch::MAX_BYTES).await
+                        == 0
+                    {
                         return None;
                     }
                     Some((

@@ -5,6 +5,8 @@
 
 #![allow(clippy::all)]
 
+pub mod batch;
+
 /// Generated protobuf types and the `TopicServer` client and server.
 pub mod v1 {
     tonic::include_proto!("ringcast.v1");

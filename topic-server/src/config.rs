@@ -36,7 +36,7 @@ impl Config {
             ring_source,
             stream_queue: 65_536,
             keepalive: Duration::from_secs(2),
-            max_message_bytes: 16 * 1024 * 1024,
+            max_message_bytes: ringcast_proto::batch::MAX_MESSAGE_BYTES,
             log: LogLimits::default(),
         }
     }
@@ -81,8 +81,9 @@ struct Cli {
     /// Seconds a message stays in its topic's log.
     #[arg(long, env = "TOPIC_SERVER_LOG_SECONDS", value_name = "TOPIC_SERVER_LOG_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     log_seconds: u64,
-    /// Bytes (payloads and event names) kept per topic log.
-    #[arg(long, env = "TOPIC_SERVER_LOG_BYTES", value_name = "TOPIC_SERVER_LOG_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
+    /// Bytes (payloads and event names) kept per topic log (at most 8 MiB, so that a topic's
+    /// log fits one gRPC message when it is handed to another node).
+    #[arg(long, env = "TOPIC_SERVER_LOG_BYTES", value_name = "TOPIC_SERVER_LOG_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..=(8 << 20)))]
     log_bytes: u64,
 }
 
@@ -99,6 +100,13 @@ impl Cli {
                 "TOPIC_SERVER_ID `{}` is not a node of the ring (nodes: {})",
                 self.id,
                 ids.join(", ")
+            ));
+        }
+        if self.stream_queue <= self.log_messages {
+            return Err(format!(
+                "TOPIC_SERVER_STREAM_QUEUE ({}) must be larger than TOPIC_SERVER_LOG_MESSAGES ({}): \
+                 a recovering subscriber's replay is queued on its gateway's stream at once",
+                self.stream_queue, self.log_messages
             ));
         }
         let mut config = Config::new(self.id, ring, source);

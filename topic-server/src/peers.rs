@@ -1,7 +1,7 @@
 //! gRPC clients to other topic servers, for handing topics over (`Take`).
 
 use parking_lot::Mutex;
-use ringcast_proto::{TakeReply, TakeRequest, TopicServerClient};
+use ringcast_proto::{TakeReply, TakeRequest, TopicServerClient, batch};
 use std::collections::HashMap;
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
@@ -32,7 +32,10 @@ impl Peers {
 
     /// Asks the topic server at `addr` to hand a topic over.
     pub async fn take(&self, addr: &str, request: TakeRequest) -> Result<TakeReply, String> {
-        let mut client = TopicServerClient::new(self.channel(addr)?);
+        // A reply carries the topic's whole log: the same limit as the server's own.
+        let mut client = TopicServerClient::new(self.channel(addr)?)
+            .max_decoding_message_size(batch::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(batch::MAX_MESSAGE_BYTES);
         match tokio::time::timeout(TAKE_TIMEOUT, client.take(request)).await {
             Ok(Ok(reply)) => Ok(reply.into_inner()),
             Ok(Err(status)) => Err(format!("take at {addr}: {status}")),

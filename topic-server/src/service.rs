@@ -14,6 +14,7 @@ use crate::peers::Peers;
 use crate::registry::{EpochSource, Position, TopicRegistry};
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
+use ringcast_proto::batch;
 use ringcast_proto::take_reply::Outcome;
 use ringcast_proto::{
     Delivery, Down, DownBatch, LogEntry, Move, Publish, Subscribe, TakeReply, TakeRequest,
@@ -31,8 +32,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
-/// Most stream messages drained into one outbound batch.
-const MAX_BATCH: usize = 1024;
 const SHARDS: usize = 64;
 
 /// How often topic logs are checked for messages past their age limit.
@@ -328,7 +327,7 @@ impl TopicService {
                     };
                     Some((Err(status), None))
                 }
-                n = st.rx.recv_many(&mut items, MAX_BATCH) => {
+                n = batch::recv(&mut st.rx, &mut items, batch::MAX_ITEMS, batch::MAX_BYTES) => {
                     if n == 0 {
                         return None;
                     }

@@ -76,6 +76,24 @@ fn bad_values_name_their_variable() {
             ],
             "TOPIC_SERVER_KEEPALIVE_SECS",
         ),
+        // A replay of the whole log must fit a gateway stream's queue.
+        (
+            &[
+                ("TOPIC_SERVER_ID", "ts-a"),
+                ("RING_NODES", nodes),
+                ("TOPIC_SERVER_STREAM_QUEUE", "16"),
+            ],
+            "TOPIC_SERVER_STREAM_QUEUE (16) must be larger than TOPIC_SERVER_LOG_MESSAGES (100)",
+        ),
+        // A topic's log must fit one gRPC message when it is handed over.
+        (
+            &[
+                ("TOPIC_SERVER_ID", "ts-a"),
+                ("RING_NODES", nodes),
+                ("TOPIC_SERVER_LOG_BYTES", "16777216"),
+            ],
+            "TOPIC_SERVER_LOG_BYTES",
+        ),
     ];
     for (env, needle) in cases {
         let out = topic_server(env, &[]);
