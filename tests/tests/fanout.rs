@@ -228,3 +228,63 @@ async fn a_killed_gateways_subscriptions_disappear_from_the_topic_servers() {
         assert_eq!(c.recv_json().await[3], "alive");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_queued_together_all_arrive() {
+    let keepalive = "30".to_string();
+    let cluster = Cluster::start_with(ClusterSpec {
+        gateway_env: vec![
+            ("GATEWAY_MAX_FRAME_BYTES".into(), "8388608".into()),
+            ("GATEWAY_KEEPALIVE_SECS".into(), keepalive.clone()),
+        ],
+        topic_server_env: vec![("TOPIC_SERVER_KEEPALIVE_SECS".into(), keepalive)],
+        ..Default::default()
+    })
+    .await;
+    let topic = cluster.topic_on(0, "room:large");
+    let mut subscriber = WsClient::connect(&cluster.ws_url(1)).await;
+    subscriber.join_ok(&topic, "1").await;
+    // Four 6 MiB messages (near the 8 MiB frame limit) from four clients at once, queued for
+    // gw-1 at the owner while gw-1 is paused: every one reaches every subscriber.
+    cluster.gateways[1].pause();
+    let chunk = std::sync::Arc::new("x".repeat(6 << 20));
+    let mut publishers = Vec::new();
+    for i in 0..4 {
+        let mut publisher = WsClient::connect(&cluster.ws_url(0)).await;
+        publisher.join_ok(&topic, "1").await;
+        let chunk = chunk.clone();
+        let topic = topic.clone();
+        // Each publisher reads while the others publish (it receives every message too).
+        publishers.push(tokio::spawn(async move {
+            let frame =
+                json!(["1", format!("p{i}"), topic, "publish", ["large", {"i": i, "x": *chunk}]]);
+            publisher.send_json(frame).await;
+            let mut reply = None;
+            for _ in 0..5 {
+                let frame = publisher.recv_json().await;
+                if frame[3] == "phx_reply" {
+                    reply = Some(frame);
+                }
+            }
+            reply.expect("a reply")
+        }));
+    }
+    cluster.topic_servers[0]
+        .wait_status("the messages ordered", |s| s["publishes"] == 4)
+        .await;
+    cluster.gateways[1].resume();
+    for (i, publisher) in publishers.into_iter().enumerate() {
+        let reply = publisher.await.unwrap();
+        assert_eq!(reply[1], format!("p{i}"));
+        assert_eq!(reply[4]["status"], "ok", "{}", reply[4]);
+    }
+    let mut seen: Vec<u64> = Vec::new();
+    for _ in 0..4 {
+        let frame = subscriber.recv_json().await;
+        assert_eq!(frame[3], "large", "{}", frame[3]);
+        assert_eq!(frame[4]["x"].as_str().map(str::len), Some(6 << 20));
+        seen.push(frame[4]["i"].as_u64().unwrap());
+    }
+    seen.sort();
+    assert_eq!(seen, [0, 1, 2, 3]);
+}

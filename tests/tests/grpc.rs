@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use futures::StreamExt;
-use ringcast_proto::{DownBatch, TopicServerClient, Up, UpBatch, down};
+use ringcast_proto::{DownBatch, TopicServerClient, Up, UpBatch, batch, down};
 use ringcast_ring::Ring;
 use ringcast_tests::{Cluster, EVENT_TIMEOUT};
 use tokio::sync::mpsc;
@@ -15,9 +15,12 @@ struct Link {
 }
 
 async fn attach(addr: std::net::SocketAddr) -> Link {
+    // The limits a gateway sets.
     let mut client = TopicServerClient::connect(format!("http://{addr}"))
         .await
-        .expect("connect");
+        .expect("connect")
+        .max_decoding_message_size(batch::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(batch::MAX_MESSAGE_BYTES);
     let (up, rx) = mpsc::channel(16);
     up.send(UpBatch {
         ring_version: 1,
@@ -173,4 +176,71 @@ async fn busy_streams_coalesce_deliveries_and_keep_one_order() {
         status["deliveries"], MESSAGES,
         "one delivery per message for the one subscribed gateway"
     );
+}
+
+#[tokio::test]
+async fn replays_queued_together_go_in_batches_that_fit_a_message() {
+    let cluster = Cluster::start_with(ringcast_tests::ClusterSpec {
+        gateways: 0,
+        topic_server_env: vec![
+            ("TOPIC_SERVER_LOG_BYTES".into(), (8 << 20).to_string()),
+            ("TOPIC_SERVER_LOG_MESSAGES".into(), "1000".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let (_, topic, _) = topics_by_owner(&cluster);
+    // A full log: 140 messages of 56 KiB, 7.7 MiB.
+    const MESSAGES: u64 = 140;
+    let mut publisher = attach(cluster.topic_servers[0].addr).await;
+    publisher
+        .send(
+            (0..MESSAGES)
+                .map(|n| {
+                    Up::publish(
+                        n + 1,
+                        topic.clone(),
+                        "e".into(),
+                        Bytes::from(vec![b'x'; 56 << 10]),
+                    )
+                })
+                .collect(),
+        )
+        .await;
+    let mut epoch = 0;
+    let mut acked = 0;
+    while acked < MESSAGES {
+        for item in publisher.next().await.items {
+            let Some(down::Kind::Ack(ack)) = item.kind else {
+                panic!("expected an ack, got {:?}", item.kind);
+            };
+            epoch = ack.position.unwrap().epoch;
+            acked += 1;
+        }
+    }
+    // Three subscribers recover the whole log in one go: 23 MiB of replay queued at once on
+    // one stream, more than one gRPC message may carry.
+    let mut subscriber = attach(cluster.topic_servers[0].addr).await;
+    let from = Some(ringcast_proto::Position { epoch, offset: 0 });
+    subscriber
+        .send(
+            (1..=3)
+                .map(|s| Up::subscribe(s, topic.clone(), s, from))
+                .collect(),
+        )
+        .await;
+    let (mut replayed, mut acks) = (0, 0);
+    while acks < 3 {
+        for item in subscriber.next().await.items {
+            match item.kind {
+                Some(down::Kind::Replay(_)) => replayed += 1,
+                Some(down::Kind::Ack(ack)) => {
+                    assert!(ack.recovered, "the whole log was there");
+                    acks += 1;
+                }
+                other => panic!("expected replays and acks, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(replayed, 3 * MESSAGES);
 }
