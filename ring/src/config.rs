@@ -69,8 +69,12 @@ pub enum ConfigError {
     DuplicateId { index: usize, id: String },
     #[error("ring config: nodes[{index}].id `{id}` may only use letters, digits, `-`, `_` and `.`")]
     BadId { index: usize, id: String },
-    #[error("ring config: nodes[{index}].addr `{addr}` is not host:port")]
+    #[error(
+        "ring config: nodes[{index}].addr `{addr}` is not host:port (a host name, an IPv4 address or a bracketed IPv6 address, and a port)"
+    )]
     BadAddr { index: usize, addr: String },
+    #[error("ring config: nodes[{index}].addr `{addr}` appears twice (each node needs its own)")]
+    DuplicateAddr { index: usize, addr: String },
     #[error("ring config: nodes[{index}].weight must be between 1 and {MAX_WEIGHT}, got {weight}")]
     BadWeight { index: usize, weight: u32 },
     #[error("ring node list: entry `{0}` is not id=host:port")]
@@ -94,7 +98,7 @@ impl RingConfig {
         if self.vnodes == 0 || self.vnodes > MAX_VNODES {
             return Err(ConfigError::Vnodes(self.vnodes));
         }
-        let mut seen = HashSet::new();
+        let (mut seen, mut addrs) = (HashSet::new(), HashSet::new());
         for (index, node) in self.nodes.iter().enumerate() {
             if node.id.is_empty() {
                 return Err(ConfigError::EmptyId { index });
@@ -117,6 +121,12 @@ impl RingConfig {
             }
             if !is_host_port(&node.addr) {
                 return Err(ConfigError::BadAddr {
+                    index,
+                    addr: node.addr.clone(),
+                });
+            }
+            if !addrs.insert(node.addr.to_ascii_lowercase()) {
+                return Err(ConfigError::DuplicateAddr {
                     index,
                     addr: node.addr.clone(),
                 });
@@ -158,11 +168,24 @@ pub fn parse_nodes_list(list: &str) -> Result<RingConfig, ConfigError> {
     Ok(config)
 }
 
+/// `host:port` as a gRPC address (`http://{addr}`) takes it: a host name or IPv4 address
+/// (dot-separated labels of letters, digits and `-`), or an IPv6 address in brackets, and a
+/// port other than 0.
 fn is_host_port(addr: &str) -> bool {
-    match addr.rsplit_once(':') {
-        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
-        None => false,
-    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                })
+        }
+    };
+    host_ok && port.parse::<u16>().is_ok_and(|p| p != 0)
 }
 
 #[cfg(test)]
@@ -192,6 +215,19 @@ weight = 2
     }
 
     #[test]
+    fn addresses_take_host_names_ipv4_and_bracketed_ipv6() {
+        for addr in [
+            "h:1",
+            "ts-1.internal:7001",
+            "10.0.0.7:7001",
+            "[::1]:7001",
+            "[fe80::1]:9",
+        ] {
+            assert!(is_host_port(addr), "{addr}");
+        }
+    }
+
+    #[test]
     fn vnodes_default() {
         let config =
             RingConfig::from_toml("version = 1\n[[nodes]]\nid = \"a\"\naddr = \"h:1\"\n").unwrap();
@@ -211,6 +247,22 @@ weight = 2
             (
                 "version = 1\n[[nodes]]\nid=\"a\"\naddr=\"h:0\"",
                 "nodes[0].addr",
+            ),
+            (
+                "version = 1\n[[nodes]]\nid=\"a\"\naddr=\"::1:7001\"",
+                "nodes[0].addr `::1:7001` is not host:port",
+            ),
+            (
+                "version = 1\n[[nodes]]\nid=\"a\"\naddr=\"http://h:7001\"",
+                "nodes[0].addr",
+            ),
+            (
+                "version = 1\n[[nodes]]\nid=\"a\"\naddr=\" h:1\"",
+                "nodes[0].addr",
+            ),
+            (
+                "version = 1\n[[nodes]]\nid=\"a\"\naddr=\"h:1\"\n[[nodes]]\nid=\"b\"\naddr=\"H:1\"",
+                "nodes[1].addr `H:1` appears twice",
             ),
             (
                 "version = 1\n[[nodes]]\nid=\"\"\naddr=\"h:1\"",

@@ -188,8 +188,8 @@ mod tests {
         let a = ring(1, &[("ts-a", 1), ("ts-b", 1), ("ts-c", 1)]);
         let mut config = a.config().clone();
         config.nodes.reverse();
-        for n in &mut config.nodes {
-            n.addr = "10.0.0.9:9999".into();
+        for (i, n) in config.nodes.iter_mut().enumerate() {
+            n.addr = format!("10.0.0.9:{}", 9000 + i);
         }
         let b = Ring::new(config).unwrap();
         for i in 0..2000 {

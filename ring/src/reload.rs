@@ -45,9 +45,10 @@ mod tests {
 
     fn ring(version: u64, nodes: &[&str]) -> Ring {
         let mut text = format!("version = {version}\n");
-        for id in nodes {
+        for (i, id) in nodes.iter().enumerate() {
             text.push_str(&format!(
-                "[[nodes]]\nid = \"{id}\"\naddr = \"127.0.0.1:1\"\n"
+                "[[nodes]]\nid = \"{id}\"\naddr = \"127.0.0.1:{}\"\n",
+                i + 1
             ));
         }
         Ring::from_toml(&text).unwrap()
