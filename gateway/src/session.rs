@@ -200,7 +200,7 @@ impl Session {
 
     fn join(&mut self, f: InFrame<'_>, out: &mut Vec<String>) {
         let gateway = self.gateway.clone();
-        let topic = f.topic;
+        let topic = f.topic.clone();
         if topic == "phoenix" || !gateway.config.topic_allowed(&topic) {
             return self.reply_error(None, f.msg_ref, &topic, "unmatched topic", out);
         }
@@ -214,10 +214,37 @@ impl Session {
                 out,
             );
         }
-        let recover = match parse_recover(f.payload) {
-            Ok(recover) => recover,
-            Err(reason) => return self.reply_error(f.join_ref, f.msg_ref, &topic, reason, out),
+        let mut channel = match self.send_join(&f) {
+            Ok(channel) => channel,
+            Err(reason) => {
+                self.reply_error(f.join_ref, f.msg_ref, &topic, reason, out);
+                // As when the owner refuses it: the join it was to replace is closed anyway.
+                if let Some(old) = self.channels.remove(&topic) {
+                    if let Some(older) = &old.replaces {
+                        self.release(&topic, older);
+                    }
+                    out.push(codec::close(self.vsn, old.join_ref.as_deref(), &topic));
+                    self.release(&topic, &old);
+                }
+                return;
+            }
         };
+        if let Some(mut old) = self.channels.remove(&topic) {
+            // Only the newest earlier join is closed; anything it replaced goes now.
+            if let Some(older) = old.replaces.take() {
+                self.release(&topic, &older);
+            }
+            channel.replaces = Some(Box::new(old));
+        }
+        self.channels.insert(topic, channel);
+    }
+
+    /// Sends a join of `f.topic` on its way (to the topic's feed here, or its owner); the
+    /// channel that waits for the answer, or why it could not be sent.
+    fn send_join(&self, f: &InFrame<'_>) -> Result<Channel, &'static str> {
+        let gateway = &self.gateway;
+        let topic = &f.topic;
+        let recover = parse_recover(f.payload)?;
         let sub = gateway.next_sub.fetch_add(1, Relaxed);
         let join_ref: Option<Arc<str>> = f.join_ref.map(Arc::from);
         let pending = Pending::Join {
@@ -229,18 +256,18 @@ impl Session {
             replay: Vec::new(),
         };
         // At the topic's feed if other local subscribers have one, else at its owner.
-        let node = match gateway.index.feed(&topic) {
+        let node = match gateway.index.feed(topic) {
             Some((node, _)) => node,
-            None => match gateway.routing.route(&topic) {
+            None => match gateway.routing.route(topic) {
                 Some(link) => link.node().clone(),
-                None => return self.reply_error(f.join_ref, f.msg_ref, &topic, "unavailable", out),
+                None => return Err("unavailable"),
             },
         };
-        if rebalance::dispatch(&gateway, pending).is_err() {
-            return self.reply_error(f.join_ref, f.msg_ref, &topic, "unavailable", out);
+        if rebalance::dispatch(gateway, pending).is_err() {
+            return Err("unavailable");
         }
         Metrics::inc(&gateway.metrics.joins);
-        let mut channel = Channel {
+        Ok(Channel {
             join_ref,
             sub,
             node,
@@ -249,15 +276,7 @@ impl Session {
                 recover,
             },
             replaces: None,
-        };
-        if let Some(mut old) = self.channels.remove(&topic) {
-            // Only the newest earlier join is closed; anything it replaced goes now.
-            if let Some(older) = old.replaces.take() {
-                self.release(&topic, &older);
-            }
-            channel.replaces = Some(Box::new(old));
-        }
-        self.channels.insert(topic, channel);
+        })
     }
 
     fn leave(&mut self, f: InFrame<'_>, out: &mut Vec<String>) {
@@ -279,11 +298,9 @@ impl Session {
     }
 
     fn push(&mut self, f: InFrame<'_>, out: &mut Vec<String>) {
-        let joined = self
-            .channels
-            .get(&f.topic)
-            .is_some_and(|c| matches!(c.state, ChannelState::Joined(_)));
-        if !joined {
+        // A join on its way counts: as in Phoenix, which answers a join before it reads the
+        // next frame, a push right behind a join is taken (it follows the join to the owner).
+        if !self.channels.contains_key(&f.topic) {
             return self.reply_error(None, f.msg_ref, &f.topic, "unmatched topic", out);
         };
         let (event, payload) = if f.event == "publish" {

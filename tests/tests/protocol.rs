@@ -446,6 +446,37 @@ async fn invalid_recover_positions_are_refused() {
         reply,
         json!({"status":"error","response":{"reason":"invalid recover position"}})
     );
+
+    // A failed rejoin of a joined topic closes the earlier join all the same.
+    c.join_ok("room:r", "2").await;
+    c.send_text(r#"["3","4","room:r","phx_join",{"recover":{"epoch":1,"offset":-1}}]"#)
+        .await;
+    assert_eq!(
+        c.recv_text().await,
+        r#"["3","4","room:r","phx_reply",{"status":"error","response":{"reason":"invalid recover position"}}]"#
+    );
+    assert_eq!(c.recv_text().await, r#"["2","2","room:r","phx_close",{}]"#);
+    let mut other = WsClient::connect(&ringcast_tests::cluster::ws_url(gw.addr)).await;
+    other.join_ok("room:r", "1").await;
+    other.publish("1", "room:r", "e", json!(1)).await;
+    assert!(c.sync().await.is_empty(), "the closed join gets nothing");
+}
+
+/// As in Phoenix, which answers a join before it reads the next frame: a push sent right
+/// behind a join, before its reply, is taken.
+#[tokio::test]
+async fn a_push_right_behind_a_join_is_taken() {
+    let cluster = Cluster::start().await;
+    let mut c = WsClient::connect(&cluster.ws_url(0)).await;
+    c.send_text(r#"["1","1","room:eager","phx_join",{}]"#).await;
+    c.send_text(r#"["1","2","room:eager","publish",["e",{"n":1}]]"#)
+        .await;
+    let frames = c.recv_n(3).await;
+    assert_eq!(frames[0][1], "1", "the join reply first: {frames:?}");
+    assert_eq!(frames[0][4]["status"], "ok", "{frames:?}");
+    assert_eq!(frames[1][1], "2", "then the publish reply: {frames:?}");
+    assert_eq!(frames[1][4]["status"], "ok", "{frames:?}");
+    assert_eq!(frames[2], json!(["1", null, "room:eager", "e", {"n": 1}]));
 }
 
 #[tokio::test]
