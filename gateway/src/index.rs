@@ -282,7 +282,7 @@ impl LocalIndex {
                 if subs.epoch == m.at.epoch && m.at.offset <= *last {
                     continue;
                 }
-                if subs.epoch == m.at.epoch && m.at.offset == *last + 1 {
+                if subs.epoch == m.at.epoch && last.checked_add(1) == Some(m.at.offset) {
                     *last = m.at.offset;
                     fresh.push(m);
                     continue;

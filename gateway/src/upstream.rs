@@ -735,7 +735,7 @@ impl UpstreamLink {
                     && replay
                         .iter()
                         .enumerate()
-                        .all(|(i, m)| m.offset == from.offset + 1 + i as u64)
+                        .all(|(i, m)| from.offset.checked_add(1 + i as u64) == Some(m.offset))
             });
         match self
             .ctx

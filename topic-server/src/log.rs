@@ -160,7 +160,7 @@ impl TopicLog {
         for (age, m) in entries {
             if run
                 .last()
-                .is_some_and(|(_, prev)| prev.offset + 1 != m.offset)
+                .is_some_and(|(_, prev)| prev.offset.checked_add(1) != Some(m.offset))
             {
                 run.clear();
             }
@@ -328,6 +328,9 @@ mod tests {
         ];
         let (log, _) = TopicLog::restore(old, 2, now, &l);
         assert_eq!(offsets(log.since(1, 2)), Some(vec![2]), "ages carry over");
+        // A peer's offsets at the end of the range do not overflow.
+        let (log, _) = TopicLog::restore(aged(&[u64::MAX, 1]), 1, now, &l);
+        assert_eq!(offsets(log.since(0, 1)), Some(vec![1]));
     }
 
     proptest! {

@@ -33,6 +33,9 @@ use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 const SHARDS: usize = 64;
+/// The highest offset a handed-over topic may have (far beyond any real topic): above it,
+/// counting on would overflow.
+const MAX_OFFSET: u64 = u64::MAX / 2;
 
 /// How often topic logs are checked for messages past their age limit.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
@@ -757,6 +760,11 @@ impl Shared {
             Some(reply) if reply.outcome() == Outcome::Owned => {
                 tracing::warn!(%topic, their_version = reply.ring_version, "a newer ring gives this topic elsewhere");
                 shard.registry.mark_moved(&topic, reply.ring_version, None);
+            }
+            Some(reply) if reply.offset > MAX_OFFSET => {
+                // No topic gets there by publishing: a broken peer. Start a new epoch.
+                tracing::warn!(%topic, offset = reply.offset, "a previous owner sent an impossible offset");
+                self.stats.handoffs_empty.fetch_add(1, Relaxed);
             }
             Some(reply) => {
                 let now = Instant::now();
