@@ -238,8 +238,8 @@ async fn the_new_ring_reaching_topic_servers_before_gateways() {
 
 /// Makes a join of a topic wait at ts-b: ts-a holds the topic (one logged message, no
 /// subscriber), ring 2 gives everything to ts-b, and ts-a is paused so ts-b's fetch waits.
-/// Returns the joining client (on gw-1) once its join is parked.
-async fn park_a_join(cluster: &Cluster) -> WsClient {
+/// Returns the topic and the joining client (on gw-1) once its join is parked.
+async fn park_a_join(cluster: &Cluster) -> (String, WsClient) {
     let topic = cluster.topic_on(0, "parked");
     let mut first = WsClient::connect(&cluster.ws_url(0)).await;
     first.join_ok(&topic, "1").await;
@@ -265,7 +265,7 @@ async fn park_a_join(cluster: &Cluster) -> WsClient {
     cluster.topic_servers[1]
         .wait_status("the join parked at ts-b", |s| s["parked"] == 1)
         .await;
-    joiner
+    (topic, joiner)
 }
 
 /// Resumes ts-a; once ts-b has fetched the topic and served what waited, returns its status.
@@ -282,7 +282,7 @@ async fn fetched(cluster: &Cluster) -> serde_json::Value {
 #[tokio::test]
 async fn a_gateway_that_dies_while_its_join_waits_for_a_handoff_leaves_no_subscription() {
     let mut cluster = Cluster::start().await;
-    let _joiner = park_a_join(&cluster).await;
+    let (_, _joiner) = park_a_join(&cluster).await;
     cluster.gateways[1].kill();
     cluster.topic_servers[1]
         .wait_status("gw-1's stream ended", |s| {
@@ -299,7 +299,7 @@ async fn a_gateway_that_dies_while_its_join_waits_for_a_handoff_leaves_no_subscr
 #[tokio::test]
 async fn a_client_that_leaves_while_its_join_waits_for_a_handoff_leaves_no_subscription() {
     let cluster = Cluster::start().await;
-    let joiner = park_a_join(&cluster).await;
+    let (_, joiner) = park_a_join(&cluster).await;
     drop(joiner);
     cluster.topic_servers[1]
         .wait_status("the leave waits behind the join", |s| s["parked"] == 2)
@@ -312,4 +312,41 @@ async fn a_client_that_leaves_while_its_join_waits_for_a_handoff_leaves_no_subsc
     cluster.gateways[1]
         .wait_status("gw-1 holds nothing", |s| s["subscriptions"] == 0)
         .await;
+}
+
+#[tokio::test]
+async fn requests_waiting_for_a_handoff_are_bounded() {
+    let cluster = Cluster::start_with(ClusterSpec {
+        topic_server_env: vec![
+            ("TOPIC_SERVER_STREAM_QUEUE".into(), "64".into()),
+            ("TOPIC_SERVER_LOG_MESSAGES".into(), "10".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let (topic, mut joiner) = park_a_join(&cluster).await;
+    // 1 join + 16 publishes: a quarter of a stream's queue (16) may wait; the last is refused.
+    for i in 0..16 {
+        joiner
+            .send_text(format!(r#"["1","p{i}","{topic}","publish",["e",{i}]]"#))
+            .await;
+    }
+    let refused = joiner.recv_json().await;
+    assert_eq!(refused[1], "p15", "{refused}");
+    assert_eq!(
+        refused[4],
+        json!({"status": "error", "response": {"reason": "unavailable"}})
+    );
+    let status = cluster.topic_servers[1].status().await;
+    assert_eq!(
+        (status["parked"].as_u64(), status["parked_refused"].as_u64()),
+        (Some(16), Some(1)),
+        "{status}"
+    );
+    // The ones that waited are served once the topic is fetched: the join, then 15 messages.
+    fetched(&cluster).await;
+    let frames = joiner.recv_n(1 + 15 + 15).await;
+    assert_eq!(frames[0][1], "1", "the join reply first: {frames:?}");
+    let delivered = frames.iter().filter(|f| f[3] == "e").count();
+    assert_eq!(delivered, 15, "{frames:?}");
 }

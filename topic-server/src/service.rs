@@ -114,6 +114,8 @@ pub struct Stats {
     pub handoffs_empty: AtomicU64,
     /// Gateway moves of subscribers to this node.
     pub moves: AtomicU64,
+    /// Requests refused because too many already waited for their topic's handoff.
+    pub parked_refused: AtomicU64,
     /// Subscriptions made with a recovery position: served from the log, or refused.
     pub recoveries: AtomicU64,
     pub recoveries_refused: AtomicU64,
@@ -130,6 +132,7 @@ pub struct StatusSnapshot {
     /// Topics being fetched from a previous owner, and the requests waiting for them.
     pub fetching: usize,
     pub parked: usize,
+    pub parked_refused: u64,
     /// Why the last edit of the ring file was refused, while the file in place is not the
     /// ring in force.
     pub ring_refused: Option<String>,
@@ -450,6 +453,7 @@ impl TopicService {
             owned_topics,
             fetching,
             parked,
+            parked_refused: s.stats.parked_refused.load(Relaxed),
             ring_refused: None,
             topics,
             subscriptions,
@@ -570,6 +574,14 @@ impl Shared {
         }
         let mut shard = self.shard(request.topic()).lock();
         if let Some(queue) = shard.parked.get_mut(request.topic()) {
+            // Bounded by a quarter of a stream's queue (served at once, a waiting publish
+            // answers with an ack and a delivery): later ones are refused, and the gateway
+            // answers `unavailable` (phoenix.js retries a join by itself).
+            if queue.len() >= self.limits.stream_queue / 4 {
+                self.stats.parked_refused.fetch_add(1, Relaxed);
+                let refused = Down::rejected(request.request_id(), "unavailable");
+                return self.send(&link.0, refused);
+            }
             return queue.push((link.clone(), request));
         }
         // A topic held here is served at once (a handover removes it); only an absent one
