@@ -92,10 +92,10 @@ rss_report() { # label: peak RSS of every process of the current cluster
   for i in "${!pids[@]}"; do echo "$1|${names[$i]}|$(peak_rss "${pids[$i]}")" >>"$out/rss"; done
 }
 
-run() { # name args...: runs the generator, keeps its SUMMARY line
+run() { # name args...: runs the generator on the processes in $watch, keeps its SUMMARY line
   local name=$1; shift
-  echo "== $name: ringcast-load $*" >&2
-  "$load" "$@" | tee "$out/$name.txt" >&2
+  echo "== $name: ringcast-load $* --watch $watch" >&2
+  "$load" "$@" --watch "$watch" | tee "$out/$name.txt" >&2
   grep '^SUMMARY ' "$out/$name.txt" | sed 's/^SUMMARY //' >"$out/$name.json"
 }
 
@@ -114,40 +114,40 @@ pids+=($!); names+=("ringcast-bare")
 wait_port "$bare_port"
 bare=ws://127.0.0.1:$bare_port
 watch="bare=${pids[0]}"
-run bare_a fanout --gateways "$bare" --subscribers $SUBS_A --start-rate 100 --step-secs "$STEP" --p99-ms "$P99" --watch "$watch"
-run bare_b fanout --gateways "$bare" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms 500 --watch "$watch"
-run bare_b100 fanout --gateways "$bare" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms "$P99" --watch "$watch"
-run bare_latency fanout --gateways "$bare" --subscribers 1000 --start-rate 100 --fixed --step-secs 5 --p99-ms 10 --watch "$watch"
-run bare_conns conns --gateways "$bare" --connections $CONNS --hold-secs 1 --watch "$watch"
+run bare_a fanout --gateways "$bare" --subscribers $SUBS_A --start-rate 100 --step-secs "$STEP" --p99-ms "$P99"
+run bare_b fanout --gateways "$bare" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms 500
+run bare_b100 fanout --gateways "$bare" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms "$P99"
+run bare_latency fanout --gateways "$bare" --subscribers 1000 --start-rate 100 --fixed --step-secs 5 --p99-ms 10
+run bare_conns conns --gateways "$bare" --connections $CONNS --hold-secs 1
 rss_report "bare broadcaster"
 stop_all
 
 start_cluster 2
 p0=$(ts_counter publishes); d0=$(ts_counter deliveries)
-run fanout_a fanout --gateways "$gateways" --subscribers $SUBS_A --start-rate 100 --step-secs "$STEP" --p99-ms "$P99" --watch "$watch"
+run fanout_a fanout --gateways "$gateways" --subscribers $SUBS_A --start-rate 100 --step-secs "$STEP" --p99-ms "$P99"
 p1=$(ts_counter publishes); d1=$(ts_counter deliveries)
 echo "$((d1 - d0)) $((p1 - p0))" >"$out/crossnode"
 rss_report "fanout $SUBS_A"
 stop_all
 
 start_cluster 2
-run fanout_b fanout --gateways "$gateways" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms 500 --watch "$watch"
-run fanout_b100 fanout --gateways "$gateways" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms "$P99" --watch "$watch"
+run fanout_b fanout --gateways "$gateways" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms 500
+run fanout_b100 fanout --gateways "$gateways" --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms "$P99"
 rss_report "fanout $SUBS_B"
 stop_all
 
 start_cluster 2
-run latency fanout --gateways "$gateways" --subscribers 1000 --start-rate 100 --fixed --step-secs 5 --p99-ms 10 --watch "$watch"
-run topics topics --gateways "$gateways" --topics $TOPICS --subscribers 10 --start-rate 2000 --step-secs "$STEP" --p99-ms "$P99" --watch "$watch"
+run latency fanout --gateways "$gateways" --subscribers 1000 --start-rate 100 --fixed --step-secs 5 --p99-ms 10
+run topics topics --gateways "$gateways" --topics $TOPICS --subscribers 10 --start-rate 2000 --step-secs "$STEP" --p99-ms "$P99"
 rss_report "topics $TOPICS x 10"
 stop_all
 
 start_cluster 1
-run conns conns --gateways "$gateways" --connections $CONNS --hold-secs 4 --watch "$watch"
+run conns conns --gateways "$gateways" --connections $CONNS --hold-secs 4
 stop_all
 
 start_cluster 4
-run conns4 conns --gateways "$gateways" --connections $CONNS4 --procs 4 --hold-secs 4 --watch "$watch"
+run conns4 conns --gateways "$gateways" --connections $CONNS4 --procs 4 --hold-secs 4
 rss_report "conns $CONNS4 over 4 gateways"
 stop_all
 

@@ -112,7 +112,7 @@ struct Cli {
     client_queue: u32,
     /// Largest client websocket message in bytes (larger: close 1009); at most 8 MiB, so that
     /// a publish fits one gRPC message to the topic server.
-    #[arg(long, env = "GATEWAY_MAX_FRAME_BYTES", value_name = "GATEWAY_MAX_FRAME_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..=8_388_608))]
+    #[arg(long, env = "GATEWAY_MAX_FRAME_BYTES", value_name = "GATEWAY_MAX_FRAME_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..=ringcast_proto::batch::MAX_ITEM_BYTES as i64))]
     max_frame_bytes: u32,
     /// Seconds without any client frame before the socket is closed (1001).
     #[arg(long, env = "GATEWAY_IDLE_TIMEOUT_SECS", value_name = "GATEWAY_IDLE_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]

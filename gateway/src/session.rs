@@ -214,29 +214,28 @@ impl Session {
                 out,
             );
         }
-        let mut channel = match self.send_join(&f) {
-            Ok(channel) => channel,
-            Err(reason) => {
-                self.reply_error(f.join_ref, f.msg_ref, &topic, reason, out);
-                // As when the owner refuses it: the join it was to replace is closed anyway.
-                if let Some(old) = self.channels.remove(&topic) {
-                    if let Some(older) = &old.replaces {
-                        self.release(&topic, older);
-                    }
-                    out.push(codec::close(self.vsn, old.join_ref.as_deref(), &topic));
-                    self.release(&topic, &old);
-                }
-                return;
-            }
-        };
-        if let Some(mut old) = self.channels.remove(&topic) {
-            // Only the newest earlier join is closed; anything it replaced goes now.
+        let sent = self.send_join(&f);
+        // Only the newest earlier join is closed; anything it replaced goes now.
+        let old = self.channels.remove(&topic).map(|mut old| {
             if let Some(older) = old.replaces.take() {
                 self.release(&topic, &older);
             }
-            channel.replaces = Some(Box::new(old));
+            old
+        });
+        match sent {
+            Ok(mut channel) => {
+                channel.replaces = old.map(Box::new);
+                self.channels.insert(topic, channel);
+            }
+            Err(reason) => {
+                self.reply_error(f.join_ref, f.msg_ref, &topic, reason, out);
+                // As when the owner refuses it: the earlier join is closed all the same.
+                if let Some(old) = old {
+                    out.push(codec::close(self.vsn, old.join_ref.as_deref(), &topic));
+                    self.release(&topic, &old);
+                }
+            }
         }
-        self.channels.insert(topic, channel);
     }
 
     /// Sends a join of `f.topic` on its way (to the topic's feed here, or its owner); the

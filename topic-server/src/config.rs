@@ -83,7 +83,7 @@ struct Cli {
     log_seconds: u64,
     /// Bytes (payloads and event names) kept per topic log (at most 8 MiB, so that a topic's
     /// log fits one gRPC message when it is handed to another node).
-    #[arg(long, env = "TOPIC_SERVER_LOG_BYTES", value_name = "TOPIC_SERVER_LOG_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..=(8 << 20)))]
+    #[arg(long, env = "TOPIC_SERVER_LOG_BYTES", value_name = "TOPIC_SERVER_LOG_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..=ringcast_proto::batch::MAX_ITEM_BYTES as u64))]
     log_bytes: u64,
 }
 

@@ -809,11 +809,11 @@ impl Shared {
                 // being dropped and this one would be missed).
                 continue;
             }
-            if let TopicRequest::Unsubscribe(unsub) = request {
-                self.unsubscribe(&mut shard.registry, &link, unsub);
-                continue;
-            }
             match refused {
+                // An unsubscribe is served whoever owns the topic.
+                _ if matches!(request, TopicRequest::Unsubscribe(_)) => {
+                    self.serve(&mut shard, &link, request)
+                }
                 _ if !self.ownership.owns(&topic) => {
                     let version = self.ownership.version();
                     self.wrong_owner(&link, request, version);

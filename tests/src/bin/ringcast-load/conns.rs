@@ -88,8 +88,7 @@ pub async fn run(args: ConnsArgs) -> anyhow::Result<()> {
     let elapsed = start.elapsed().as_secs_f64();
     let rate = joined as f64 / elapsed;
     let cpu_used = cpu::used(&cpu_before, &cpu::sample(&procs_cpu));
-    let per_conn = |key: &str| cpu_used[key].as_f64().unwrap_or(0.0) * 1e6 / joined.max(1) as f64;
-    let (user_us, kernel_us) = (per_conn("user_s"), per_conn("sys_s"));
+    let (user_us, kernel_us) = cpu_used.micros_per(joined as u64);
     // Let the processes settle, then sample while every connection is held.
     tokio::time::sleep(Duration::from_secs_f64((args.hold_secs / 2.0).min(2.0))).await;
     let during: Vec<Option<(u64, u64)>> = watch.iter().map(|w| rss_kib(w.pid)).collect();
@@ -111,7 +110,7 @@ pub async fn run(args: ConnsArgs) -> anyhow::Result<()> {
     }
     let summary = json!({
         "workload": "conns", "connections": joined, "procs": procs, "seconds": elapsed,
-        "connect_join_per_s": rate, "rss": rss, "cpu": cpu_used,
+        "connect_join_per_s": rate, "rss": rss, "cpu": cpu_used.json(),
         "user_us_per_connection": user_us, "kernel_us_per_connection": kernel_us,
     });
     println!("SUMMARY {summary}");

@@ -68,20 +68,47 @@ pub fn sample(procs: &[Watched]) -> Sample {
     Sample(procs.iter().map(|w| (w.clone(), of(w.pid))).collect())
 }
 
-/// What each process used between `before` and `after` (processes of `before`), and the
-/// totals: `{"procs": [{"name", "user_s", "sys_s"}], "user_s", "sys_s"}`. A process that
-/// exited in between is left out.
-pub fn used(before: &Sample, after: &Sample) -> Value {
+/// The CPU time a set of processes used over a phase: each one's, and the total.
+#[derive(Debug)]
+pub struct Used {
+    procs: Vec<(Watched, Times)>,
+    total: Times,
+}
+
+impl Used {
+    /// Microseconds of user and of kernel time per unit of work (a delivery, a connection).
+    pub fn micros_per(&self, units: u64) -> (f64, f64) {
+        let per = |seconds: f64| seconds * 1e6 / units.max(1) as f64;
+        (per(self.total.user_s), per(self.total.sys_s))
+    }
+
+    /// `{"procs": [{"name", "pid", "user_s", "sys_s"}], "user_s", "sys_s"}`.
+    pub fn json(&self) -> Value {
+        let procs: Vec<Value> = self
+            .procs
+            .iter()
+            .map(|(w, t)| json!({"name": w.name, "pid": w.pid, "user_s": t.user_s, "sys_s": t.sys_s}))
+            .collect();
+        json!({"procs": procs, "user_s": self.total.user_s, "sys_s": self.total.sys_s})
+    }
+}
+
+/// What each process used between `before` and `after` (processes of `before`). A process
+/// that exited in between is left out.
+pub fn used(before: &Sample, after: &Sample) -> Used {
     let mut procs = Vec::new();
-    let (mut user, mut sys) = (0.0, 0.0);
+    let mut total = Times::default();
     for ((w, b), (_, a)) in before.0.iter().zip(&after.0) {
         let (Some(b), Some(a)) = (b, a) else { continue };
-        let (u, s) = (a.user_s - b.user_s, a.sys_s - b.sys_s);
-        user += u;
-        sys += s;
-        procs.push(json!({"name": w.name, "pid": w.pid, "user_s": u, "sys_s": s}));
+        let spent = Times {
+            user_s: a.user_s - b.user_s,
+            sys_s: a.sys_s - b.sys_s,
+        };
+        total.user_s += spent.user_s;
+        total.sys_s += spent.sys_s;
+        procs.push((w.clone(), spent));
     }
-    json!({"procs": procs, "user_s": user, "sys_s": sys})
+    Used { procs, total }
 }
 
 /// This process, named `generator`, followed by `watched`.
@@ -151,7 +178,7 @@ mod tests {
         let t = |user_s, sys_s| Some(Times { user_s, sys_s });
         let before = Sample(vec![(w("a", 1), t(1.0, 2.0)), (w("b", 2), t(0.5, 0.5))]);
         let after = Sample(vec![(w("a", 1), t(1.5, 3.0)), (w("b", 2), None)]);
-        let u = used(&before, &after);
+        let u = used(&before, &after).json();
         assert_eq!(u["user_s"], 0.5);
         assert_eq!(u["sys_s"], 1.0);
         assert_eq!(u["procs"].as_array().unwrap().len(), 1);

@@ -150,9 +150,7 @@ pub async fn run_ramp(
         let cpu_used = cpu::used(&cpu_before, &cpu::sample(&procs));
         let received = stats::count(step);
         // CPU per delivery, the generator's and the watched processes' together.
-        let per_delivery =
-            |key: &str| cpu_used[key].as_f64().unwrap_or(0.0) * 1e6 / received.max(1) as f64;
-        let (user_us, kernel_us) = (per_delivery("user_s"), per_delivery("sys_s"));
+        let (user_us, kernel_us) = cpu_used.micros_per(received);
         let hist = stats::merged(step);
         let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
         let (p50, p90, p99, max) = (ms(0.5), ms(0.9), ms(0.99), hist.max() as f64 / 1000.0);
@@ -179,7 +177,7 @@ pub async fn run_ramp(
         let row = json!({
             "step": step, "rate": rate, "sent": sent, "offered_per_s": offered, "achieved_per_s": achieved,
             "delivered": received, "lost": lost, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max, "pass": pass,
-            "cpu": cpu_used, "user_us_per_delivery": user_us, "kernel_us_per_delivery": kernel_us,
+            "cpu": cpu_used.json(), "user_us_per_delivery": user_us, "kernel_us_per_delivery": kernel_us,
         });
         rows.push(row.clone());
         if pass {
