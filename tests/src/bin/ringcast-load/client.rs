@@ -140,6 +140,45 @@ pub fn masked_text(payload: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// Heartbeats keep the gateway's idle timeout (60 s) from closing a quiet subscriber.
+pub const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A subscriber as ordinary clients are written: its own task, reading one frame at a time
+/// (tungstenite, 4 KiB reads), recording every delivery, sending a heartbeat every 20 s.
+pub async fn subscriber_task(mut ws: Ws) {
+    let start = tokio::time::Instant::now() + HEARTBEAT_EVERY;
+    let mut heartbeat = tokio::time::interval_at(start, HEARTBEAT_EVERY);
+    loop {
+        let message = tokio::select! {
+            message = ws.next() => message,
+            _ = heartbeat.tick() => {
+                let beat = r#"[null,"hb","phoenix","heartbeat",{}]"#;
+                if ws.send(Message::Text(beat.into())).await.is_err() {
+                    stats::closed(None);
+                    return;
+                }
+                continue;
+            }
+        };
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                if let Some((step, sent)) = parse_delivery(text.as_str()) {
+                    stats::record(step, sent);
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                stats::closed(frame.map(|f| f.code.into()));
+                return;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => {
+                stats::closed(None);
+                return;
+            }
+        }
+    }
+}
+
 /// Reads the receiving half of a publishing connection, recording every delivery.
 pub async fn receive_split(mut stream: futures::stream::SplitStream<Ws>) {
     while let Some(message) = stream.next().await {

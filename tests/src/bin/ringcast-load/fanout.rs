@@ -1,7 +1,7 @@
 //! The `fanout` workload (S subscribers on one topic) and the ramp shared with `topics`.
 
 use crate::client::{self, Ws};
-use crate::{Common, Ramp, cpu, stats};
+use crate::{ClientKind, Common, Ramp, cpu, stats};
 use futures::SinkExt;
 use futures::stream::{SplitSink, StreamExt};
 use serde_json::json;
@@ -47,15 +47,73 @@ pub async fn connect_many(
     Ok((results.into_iter().map(|(_, ws)| ws).collect(), rate))
 }
 
-/// Hands the subscriber connections to the receiver threads: they record deliveries and
-/// send heartbeats.
+/// Starts reading the subscriber connections: they record deliveries and send heartbeats.
+/// `tasks`: a task per connection; `epoll`: the receiver threads.
 pub fn start_subscribers(common: &Common, conns: Vec<Ws>) -> anyhow::Result<()> {
-    crate::receiver::start(conns, common.receiver_threads)
+    match common.client {
+        ClientKind::Tasks => {
+            for ws in conns {
+                tokio::spawn(client::subscriber_task(ws));
+            }
+            Ok(())
+        }
+        ClientKind::Epoll => crate::receiver::start(conns, common.receiver_threads),
+    }
 }
 
 /// Publishes `rate` messages/s for `duration`, spread round robin over publishers and
-/// their topics; returns how many were sent.
+/// their topics; returns how many were sent. `tasks`: message i is sent at `i / rate` on
+/// its own, one frame per write; `epoll`: every 1 ms whatever has fallen due, in one write
+/// per publisher.
 async fn publish_for(
+    client: ClientKind,
+    pubs: &mut [Publisher],
+    rate: f64,
+    duration: Duration,
+    step: usize,
+    payload: usize,
+) -> u64 {
+    match client {
+        ClientKind::Tasks => publish_paced(pubs, rate, duration, step, payload).await,
+        ClientKind::Epoll => publish_bursts(pubs, rate, duration, step, payload).await,
+    }
+}
+
+/// One publish per frame, each sent (and flushed) at its own instant: `start + i / rate`.
+/// When the timer wakes late, those that fell due meanwhile go one after another.
+async fn publish_paced(
+    pubs: &mut [Publisher],
+    rate: f64,
+    duration: Duration,
+    step: usize,
+    payload: usize,
+) -> u64 {
+    let start = tokio::time::Instant::now();
+    let total = (rate * duration.as_secs_f64()) as u64;
+    for sent in 0..total {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(sent as f64 / rate)).await;
+        if start.elapsed() >= duration {
+            // Behind schedule: what was not sent in the step's time counts as not kept up.
+            return sent;
+        }
+        let publisher = &mut pubs[sent as usize % pubs.len()];
+        let (join_ref, topic) = &publisher.topics[publisher.next % publisher.topics.len()];
+        publisher.next += 1;
+        let frame = client::publish_frame(*join_ref, topic, step, payload);
+        if publisher
+            .sink
+            .send(Message::Text(frame.into()))
+            .await
+            .is_err()
+        {
+            return sent;
+        }
+    }
+    total
+}
+
+/// Every 1 ms, what has fallen due, fed to the publishers' sockets and flushed once each.
+async fn publish_bursts(
     pubs: &mut [Publisher],
     rate: f64,
     duration: Duration,
@@ -107,9 +165,9 @@ pub async fn run_ramp(
     ramp: &Ramp,
     fanout: u64,
     pubs: &mut [Publisher],
-    watch: &[cpu::Watched],
+    common: &Common,
 ) -> (Vec<serde_json::Value>, Option<serde_json::Value>) {
-    let procs = cpu::with_generator(watch);
+    let procs = cpu::with_generator(&common.watch);
     println!(
         "{:>5} {:>10} {:>12} {:>12} {:>12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  result",
         "step",
@@ -131,7 +189,7 @@ pub async fn run_ramp(
         let closed_before = stats::closed_count();
         let cpu_before = cpu::sample(&procs);
         let start = Instant::now();
-        let sent = publish_for(pubs, rate, duration, step, ramp.payload).await;
+        let sent = publish_for(common.client, pubs, rate, duration, step, ramp.payload).await;
         let expected = sent * fanout;
         let (mut last, mut last_change) = (0, Instant::now());
         loop {
@@ -203,8 +261,11 @@ pub async fn run(common: Common, ramp: Ramp, subscribers: usize) -> anyhow::Resu
     eprintln!("fanout: {subscribers} joined ({connect_rate:.0} connect+join/s)");
     start_subscribers(&common, conns)?;
 
-    let mut publisher =
-        client::connect(&common.gateways[0], client::source_addr(usize::MAX / 2, 1)).await?;
+    let mut publisher = client::connect(
+        common.publish_gateway()?,
+        client::source_addr(usize::MAX / 2, 1),
+    )
+    .await?;
     client::join_all(&mut publisher, std::slice::from_ref(&topic)).await?;
     let (sink, stream) = publisher.split();
     tokio::spawn(drain(stream));
@@ -214,9 +275,9 @@ pub async fn run(common: Common, ramp: Ramp, subscribers: usize) -> anyhow::Resu
         topics: vec![(1, topic.clone())],
         next: 0,
     }];
-    let (rows, best) = run_ramp(&ramp, subscribers as u64, &mut pubs, &common.watch).await;
+    let (rows, best) = run_ramp(&ramp, subscribers as u64, &mut pubs, &common).await;
     let summary = json!({
-        "workload": "fanout", "subscribers": subscribers, "payload": ramp.payload, "p99_bound_ms": ramp.p99_ms,
+        "workload": "fanout", "client": common.client.name(), "subscribers": subscribers, "payload": ramp.payload, "p99_bound_ms": ramp.p99_ms,
         "connect_join_per_s": connect_rate, "best": best, "steps": rows, "closed_subscribers": stats::closed_count(),
         "close_codes": stats::close_codes(),
     });

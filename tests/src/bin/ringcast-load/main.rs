@@ -4,6 +4,13 @@
 //! `topics` (T topics x S subscribers, publishes spread over topics) and `conns` (C joined
 //! idle connections). Each ramp step reports offered and achieved deliveries/s, loss and
 //! publish-to-receive latency; the last line is a JSON summary for scripts.
+//!
+//! Two kinds of client (`--client`): `tasks` (the default) behaves like ordinary clients
+//! and load tools: a tokio task per socket reading one frame at a time through
+//! tokio-tungstenite, and publishers that send one publish per websocket frame at evenly
+//! spaced instants. `epoll` is the fastest client this crate has: subscriber sockets read
+//! by a few threads with epoll, 64 KiB at a time, and publishers that send every 1 ms
+//! whatever has fallen due, in one write.
 
 mod client;
 mod conns;
@@ -49,14 +56,55 @@ pub struct Common {
     /// Spread client source addresses over 127.0.0.2 .. 127.0.0.(1+N) (more than 60k connections).
     #[arg(long, default_value_t = 8)]
     source_addrs: u8,
-    /// Threads reading the subscriber sockets (epoll, no task per socket).
+    /// How clients read and publish: `tasks` (a task per socket, one frame per read, evenly
+    /// paced publishes, one per frame) or `epoll` (reader threads, bursts every 1 ms).
+    #[arg(long, value_enum, default_value_t = ClientKind::Tasks)]
+    client: ClientKind,
+    /// Threads reading the subscriber sockets with `--client epoll`.
     #[arg(long, default_value_t = default_threads())]
     receiver_threads: usize,
+    /// The gateway (index into `--gateways`, from 0) the publisher connects to; default the
+    /// last, so that with two gateways subscribers are on both and the publisher on the second.
+    #[arg(long)]
+    publish_gateway: Option<usize>,
     /// Server processes to report on (`name=pid`, comma-separated): their CPU time (user and
     /// kernel) per ramp step or connect phase, next to the generator's own; `conns` also
     /// reports their RSS before and while holding.
     #[arg(long, value_delimiter = ',', value_parser = cpu::parse_watched)]
     watch: Vec<cpu::Watched>,
+}
+
+/// How the generator's clients read and publish.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientKind {
+    /// Like ordinary clients: a task per socket, one frame per read, paced publishes.
+    Tasks,
+    /// The fastest reader: epoll threads, 64 KiB reads; publishes in 1 ms bursts.
+    Epoll,
+}
+
+impl ClientKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientKind::Tasks => "tasks",
+            ClientKind::Epoll => "epoll",
+        }
+    }
+}
+
+impl Common {
+    /// The gateway URL the (fan-out) publisher connects to.
+    pub fn publish_gateway(&self) -> anyhow::Result<&str> {
+        let last = self.gateways.len() - 1;
+        let i = self.publish_gateway.unwrap_or(last);
+        match self.gateways.get(i) {
+            Some(url) => Ok(url),
+            None => anyhow::bail!(
+                "--publish-gateway {i}: there are only {} gateways",
+                last + 1
+            ),
+        }
+    }
 }
 
 fn default_threads() -> usize {

@@ -11,8 +11,6 @@ use mio::{Events, Interest, Poll, Token};
 use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
-/// Heartbeats keep the gateway's idle timeout (60 s) from closing a quiet subscriber.
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(20);
 const READ_BUFFER: usize = 64 * 1024;
 
 /// Moves joined websocket connections onto `threads` reader threads, which record every
@@ -63,7 +61,7 @@ fn read_all(streams: Vec<TcpStream>) -> std::io::Result<()> {
     let mut events = Events::with_capacity(1024);
     let mut buffer = vec![0u8; READ_BUFFER];
     let beat = client::masked_text(br#"[null,"hb","phoenix","heartbeat",{}]"#);
-    let mut next_beat = Instant::now() + HEARTBEAT_EVERY;
+    let mut next_beat = Instant::now() + client::HEARTBEAT_EVERY;
     while open > 0 {
         match poll.poll(&mut events, Some(Duration::from_secs(1))) {
             Ok(()) => {}
@@ -83,7 +81,7 @@ fn read_all(streams: Vec<TcpStream>) -> std::io::Result<()> {
             }
         }
         if Instant::now() >= next_beat {
-            next_beat += HEARTBEAT_EVERY;
+            next_beat += client::HEARTBEAT_EVERY;
             for sub in subs.iter_mut().filter(|s| s.open) {
                 // 40 bytes into an idle socket's send buffer: a short write cannot happen.
                 let _ = sub.stream.write_all(&beat);

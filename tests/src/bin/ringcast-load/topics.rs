@@ -48,9 +48,9 @@ pub async fn run(
         }
     }
     fanout::start_subscribers(&common, subscribers_only)?;
-    let (rows, best) = fanout::run_ramp(&ramp, subscribers as u64, &mut pubs, &common.watch).await;
+    let (rows, best) = fanout::run_ramp(&ramp, subscribers as u64, &mut pubs, &common).await;
     let summary = json!({
-        "workload": "topics", "topics": topics, "subscribers": subscribers, "connections": conns, "payload": ramp.payload,
+        "workload": "topics", "client": common.client.name(), "topics": topics, "subscribers": subscribers, "connections": conns, "payload": ramp.payload,
         "p99_bound_ms": ramp.p99_ms, "connect_join_per_s": connect_rate, "best": best, "steps": rows,
         "closed_subscribers": stats::closed_count(),
     });
