@@ -70,14 +70,69 @@ const FIXED: [&str; 7] = [
 ];
 
 #[tokio::test]
-async fn fanout_over_both_gateways_counts_every_delivery() {
+async fn fanout_over_both_gateways_counts_every_delivery_with_both_clients() {
     let cluster = Cluster::start().await;
     let gateways = gateways(&cluster);
-    let mut args = vec!["fanout", "--gateways", &gateways, "--subscribers", "40"];
-    args.extend(FIXED);
+    for client in ["tasks", "epoll"] {
+        let mut args = vec!["fanout", "--gateways", &gateways, "--subscribers", "40"];
+        args.extend(["--client", client]);
+        args.extend(FIXED);
+        let summary = load(&args).await;
+        assert_no_loss(&summary, 40);
+        assert_eq!(summary["client"], client);
+        assert!(summary["connect_join_per_s"].as_f64().unwrap() > 0.0);
+    }
+}
+
+/// A ramp runs every step while they pass (no refinement without a failure), and stops at
+/// a first step that fails with nothing passed before it (nothing to refine from).
+#[tokio::test]
+async fn a_ramp_runs_its_passing_steps_and_stops_at_a_first_failure() {
+    let cluster = Cluster::start().await;
+    let gateways = gateways(&cluster);
+    let args = [
+        "fanout",
+        "--gateways",
+        &gateways,
+        "--subscribers",
+        "4",
+        "--start-rate",
+        "20",
+        "--max-rate",
+        "45",
+        "--step-secs",
+        "0.5",
+        "--p99-ms",
+        "5000",
+    ];
     let summary = load(&args).await;
-    assert_no_loss(&summary, 40);
-    assert!(summary["connect_join_per_s"].as_f64().unwrap() > 0.0);
+    let rates: Vec<f64> = summary["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["rate"].as_f64().unwrap())
+        .collect();
+    assert_eq!(
+        rates,
+        [20.0, 30.0, 45.0],
+        "every step passes: no refinement"
+    );
+    let args = [
+        "fanout",
+        "--gateways",
+        &gateways,
+        "--subscribers",
+        "4",
+        "--start-rate",
+        "20",
+        "--step-secs",
+        "0.5",
+        "--p99-ms",
+        "0",
+    ];
+    let summary = load(&args).await;
+    assert_eq!(summary["steps"].as_array().unwrap().len(), 1, "{summary}");
+    assert!(summary["best"].is_null());
 }
 
 #[tokio::test]
@@ -181,6 +236,25 @@ async fn the_bare_broadcaster_serves_the_fanout_workload() {
         step["kernel_us_per_delivery"].as_f64().unwrap() >= 0.0,
         "{step}"
     );
+}
+
+/// Two bare broadcasters with the subscribers split over them, every message published
+/// through both (`--publish-each`): each subscriber gets each message once.
+#[tokio::test]
+async fn two_bare_broadcasters_serve_a_split_fanout() {
+    let ((_a, a), (_b, b)) = (start_bare().await, start_bare().await);
+    let both = format!("{a},{b}");
+    let mut args = vec![
+        "fanout",
+        "--gateways",
+        &both,
+        "--subscribers",
+        "40",
+        "--publish-each",
+    ];
+    args.extend(FIXED);
+    let summary = load(&args).await;
+    assert_no_loss(&summary, 40);
 }
 
 #[tokio::test]

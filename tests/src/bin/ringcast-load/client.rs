@@ -41,34 +41,75 @@ pub async fn connect(gateway: &str, source: Ipv4Addr) -> anyhow::Result<Ws> {
     Ok(ws)
 }
 
-/// Joins `topics` (join_ref = ref = index + 1) and waits for every reply to be ok.
+/// Joins `topics` (join_ref = ref = index + 1) and waits for every reply to be ok. A join
+/// answered `unavailable` (the server is busy) is sent again a second later, as phoenix.js
+/// does, up to 10 times; any other refusal fails.
 pub async fn join_all(ws: &mut Ws, topics: &[String]) -> anyhow::Result<()> {
-    for (i, topic) in topics.iter().enumerate() {
-        let r = i + 1;
-        ws.feed(Message::Text(
-            format!(r#"["{r}","{r}","{topic}","phx_join",{{}}]"#).into(),
-        ))
-        .await?;
+    let join = |r: usize| {
+        Message::Text(format!(r#"["{r}","{r}","{}","phx_join",{{}}]"#, topics[r - 1]).into())
+    };
+    for r in 1..=topics.len() {
+        ws.feed(join(r)).await?;
     }
     ws.flush().await?;
-    let mut replies = 0;
-    while replies < topics.len() {
-        match ws.next().await {
-            Some(Ok(Message::Text(text))) => {
-                if text.as_str().contains("\"phx_reply\"") {
-                    if !text.as_str().contains(r#""status":"ok""#) {
-                        bail!("join refused: {}", text.as_str());
-                    }
-                    replies += 1;
+    let mut joined = 0;
+    let mut attempts = vec![0u32; topics.len()];
+    let mut retries = Vec::new();
+    let mut retry_at = None;
+    while joined < topics.len() {
+        let wake = retry_at.unwrap_or_else(|| tokio::time::Instant::now() + MAX_WAIT);
+        let message = tokio::select! {
+            message = ws.next() => message,
+            _ = tokio::time::sleep_until(wake) => {
+                if retry_at.is_none() {
+                    bail!("no join reply within {MAX_WAIT:?}");
                 }
+                for r in retries.drain(..) {
+                    ws.feed(join(r)).await?;
+                }
+                ws.flush().await?;
+                retry_at = None;
+                continue;
             }
-            Some(Ok(_)) => {}
+        };
+        let text = match message {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(_)) => continue,
             Some(Err(e)) => bail!("join: {e}"),
             None => bail!("connection closed while joining"),
+        };
+        let text = text.as_str();
+        if !text.contains("\"phx_reply\"") {
+            continue;
+        }
+        if text.contains(r#""status":"ok""#) {
+            joined += 1;
+            continue;
+        }
+        let reply: serde_json::Value = serde_json::from_str(text)?;
+        let r = reply[1].as_str().and_then(|r| r.parse::<usize>().ok());
+        match r {
+            Some(r)
+                if text.contains(r#""reason":"unavailable""#)
+                    && (1..=topics.len()).contains(&r) =>
+            {
+                attempts[r - 1] += 1;
+                anyhow::ensure!(attempts[r - 1] <= 10, "join refused 10 times: {text}");
+                JOIN_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                retries.push(r);
+                retry_at
+                    .get_or_insert(tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+            }
+            _ => bail!("join refused: {text}"),
         }
     }
     Ok(())
 }
+
+/// How long a join reply may take.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Joins answered `unavailable` and sent again, over all connections.
+pub static JOIN_RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A publish frame whose payload carries the ramp step and the send time, padded to
 /// `payload` bytes: `{"k":STEP,"t":NANOS,"p":"xxx.."}`.

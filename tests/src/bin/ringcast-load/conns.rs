@@ -53,6 +53,8 @@ pub async fn run(args: ConnsArgs) -> anyhow::Result<()> {
             .arg(args.common.source_addrs.to_string())
             .arg("--receiver-threads")
             .arg("1")
+            .arg("--client")
+            .arg(args.common.client.name())
             .arg("--worker")
             .arg((w * share).to_string())
             .stdout(Stdio::piped())

@@ -10,9 +10,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 pub type Sink = SplitSink<Ws, Message>;
 
-/// A connection that publishes on some of its topics.
+/// A connection that publishes on some of its topics (with `--publish-each`, one connection
+/// per gateway, every message sent on each).
 pub struct Publisher {
-    pub sink: Sink,
+    pub sinks: Vec<Sink>,
     /// (join_ref, topic) pairs to publish on, round robin.
     pub topics: Vec<(usize, String)>,
     pub next: usize,
@@ -100,13 +101,14 @@ async fn publish_paced(
         let (join_ref, topic) = &publisher.topics[publisher.next % publisher.topics.len()];
         publisher.next += 1;
         let frame = client::publish_frame(*join_ref, topic, step, payload);
-        if publisher
-            .sink
-            .send(Message::Text(frame.into()))
-            .await
-            .is_err()
-        {
-            return sent;
+        for sink in &mut publisher.sinks {
+            if sink
+                .send(Message::Text(frame.clone().into()))
+                .await
+                .is_err()
+            {
+                return sent;
+            }
         }
     }
     total
@@ -138,17 +140,20 @@ async fn publish_bursts(
                 let (join_ref, topic) = &publisher.topics[publisher.next % publisher.topics.len()];
                 publisher.next += 1;
                 let frame = client::publish_frame(*join_ref, topic, step, payload);
-                if publisher
-                    .sink
-                    .feed(Message::Text(frame.into()))
-                    .await
-                    .is_err()
-                {
-                    return sent;
+                for sink in &mut publisher.sinks {
+                    if sink
+                        .feed(Message::Text(frame.clone().into()))
+                        .await
+                        .is_err()
+                    {
+                        return sent;
+                    }
                 }
             }
-            if publisher.sink.flush().await.is_err() {
-                return sent;
+            for sink in &mut publisher.sinks {
+                if sink.flush().await.is_err() {
+                    return sent;
+                }
             }
             sent += n;
             batch -= n;
@@ -185,7 +190,10 @@ pub async fn run_ramp(
     );
     let (mut rows, mut best, mut failures) = (Vec::new(), None, 0);
     let duration = ramp.step_duration();
-    for (step, rate) in ramp.rates().into_iter().enumerate() {
+    let mut plan: std::collections::VecDeque<f64> = ramp.rates().into();
+    let mut refining = false;
+    let mut step = 0;
+    while let Some(rate) = plan.pop_front() {
         let closed_before = stats::closed_count();
         let cpu_before = cpu::sample(&procs);
         let start = Instant::now();
@@ -238,14 +246,27 @@ pub async fn run_ramp(
             "cpu": cpu_used.json(), "user_us_per_delivery": user_us, "kernel_us_per_delivery": kernel_us,
         });
         rows.push(row.clone());
+        step += 1;
         if pass {
             best = Some(row);
             failures = 0;
-        } else {
-            failures += 1;
-            if failures >= ramp.failures {
-                break;
+            continue;
+        }
+        failures += 1;
+        if failures < ramp.failures {
+            continue;
+        }
+        // Between the best step that passed and this one, finer steps (--refine); not once
+        // subscribers were closed (cut as too slow): they would be missing from every step.
+        let passed = best.as_ref().and_then(|b| b["rate"].as_f64());
+        let closed = stats::closed_count() != closed_before;
+        match passed {
+            Some(passed) if !refining && !closed && ramp.refine > 1.0 => {
+                refining = true;
+                failures = 0;
+                plan = ramp.refined(passed, rate).into();
             }
+            _ => break,
         }
     }
     (rows, best)
@@ -261,17 +282,23 @@ pub async fn run(common: Common, ramp: Ramp, subscribers: usize) -> anyhow::Resu
     eprintln!("fanout: {subscribers} joined ({connect_rate:.0} connect+join/s)");
     start_subscribers(&common, conns)?;
 
-    let mut publisher = client::connect(
-        common.publish_gateway()?,
-        client::source_addr(usize::MAX / 2, 1),
-    )
-    .await?;
-    client::join_all(&mut publisher, std::slice::from_ref(&topic)).await?;
-    let (sink, stream) = publisher.split();
-    tokio::spawn(drain(stream));
+    let via: Vec<&str> = if common.publish_each {
+        common.gateways.iter().map(String::as_str).collect()
+    } else {
+        vec![common.publish_gateway()?]
+    };
+    let mut sinks = Vec::new();
+    for gateway in via {
+        let mut publisher =
+            client::connect(gateway, client::source_addr(usize::MAX / 2, 1)).await?;
+        client::join_all(&mut publisher, std::slice::from_ref(&topic)).await?;
+        let (sink, stream) = publisher.split();
+        tokio::spawn(drain(stream));
+        sinks.push(sink);
+    }
     // The publisher sends all the time: it needs no heartbeat.
     let mut pubs = [Publisher {
-        sink,
+        sinks,
         topics: vec![(1, topic.clone())],
         next: 0,
     }];
@@ -279,7 +306,7 @@ pub async fn run(common: Common, ramp: Ramp, subscribers: usize) -> anyhow::Resu
     let summary = json!({
         "workload": "fanout", "client": common.client.name(), "subscribers": subscribers, "payload": ramp.payload, "p99_bound_ms": ramp.p99_ms,
         "connect_join_per_s": connect_rate, "best": best, "steps": rows, "closed_subscribers": stats::closed_count(),
-        "close_codes": stats::close_codes(),
+        "close_codes": stats::close_codes(), "join_retries": client::JOIN_RETRIES.load(std::sync::atomic::Ordering::Relaxed),
     });
     println!("SUMMARY {summary}");
     Ok(())

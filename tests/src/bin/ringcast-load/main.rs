@@ -65,8 +65,13 @@ pub struct Common {
     receiver_threads: usize,
     /// The gateway (index into `--gateways`, from 0) the publisher connects to; default the
     /// last, so that with two gateways subscribers are on both and the publisher on the second.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "publish_each")]
     publish_gateway: Option<usize>,
+    /// `fanout`: one publisher per gateway, every message sent through each of them. For
+    /// broadcasters that do not route between them (several `ringcast-bare` processes with
+    /// the subscribers split over them): what any split over processes costs on this machine.
+    #[arg(long)]
+    publish_each: bool,
     /// Server processes to report on (`name=pid`, comma-separated): their CPU time (user and
     /// kernel) per ramp step or connect phase, next to the generator's own; `conns` also
     /// reports their RSS before and while holding.
@@ -132,6 +137,11 @@ pub struct Ramp {
     /// Stop after this many failing steps in a row.
     #[arg(long, default_value_t = 1)]
     failures: usize,
+    /// After the first failing step, try rates between the last passing one and it, each this
+    /// factor above the one before (1: no refinement), so that two servers a step apart
+    /// compare to within this factor.
+    #[arg(long, default_value_t = 1.1)]
+    refine: f64,
     /// Run exactly one step at `start_rate` (a fixed-load measurement).
     #[arg(long)]
     fixed: bool,
@@ -143,6 +153,20 @@ pub struct Ramp {
 impl Ramp {
     fn step_duration(&self) -> Duration {
         Duration::from_secs_f64(self.step_secs)
+    }
+
+    /// The finer rates strictly between a passing rate and a failing one.
+    fn refined(&self, passed: f64, failed: f64) -> Vec<f64> {
+        let mut rates = Vec::new();
+        if self.refine <= 1.0 {
+            return rates;
+        }
+        let mut rate = passed * self.refine;
+        while rate < failed * 0.999 && rates.len() < 16 {
+            rates.push(rate);
+            rate *= self.refine;
+        }
+        rates
     }
 
     /// The rates of the ramp.
@@ -228,5 +252,33 @@ fn raise_file_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => eprintln!("ringcast-load: open-file limit {limit}"),
         Err(e) => eprintln!("ringcast-load: cannot raise the open-file limit: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp(args: &[&str]) -> Ramp {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            ramp: Ramp,
+        }
+        Only::parse_from(std::iter::once("ramp").chain(args.iter().copied())).ramp
+    }
+
+    #[test]
+    fn a_ramp_multiplies_and_refines_between_a_pass_and_a_failure() {
+        let r = ramp(&["--start-rate", "100", "--max-rate", "400"]);
+        assert_eq!(r.rates(), [100.0, 150.0, 225.0, 337.5]);
+        let fine: Vec<u32> = r
+            .refined(100.0, 150.0)
+            .iter()
+            .map(|x| x.round() as u32)
+            .collect();
+        assert_eq!(fine, [110, 121, 133, 146]);
+        assert!(ramp(&["--refine", "1"]).refined(100.0, 150.0).is_empty());
+        assert_eq!(ramp(&["--fixed", "--start-rate", "7"]).rates(), [7.0]);
     }
 }

@@ -39,7 +39,7 @@ pub async fn run(
                 .map(|(j, t)| (j + 1, t))
                 .collect();
             pubs.push(Publisher {
-                sink,
+                sinks: vec![sink],
                 topics,
                 next: 0,
             });
@@ -53,6 +53,7 @@ pub async fn run(
         "workload": "topics", "client": common.client.name(), "topics": topics, "subscribers": subscribers, "connections": conns, "payload": ramp.payload,
         "p99_bound_ms": ramp.p99_ms, "connect_join_per_s": connect_rate, "best": best, "steps": rows,
         "closed_subscribers": stats::closed_count(),
+        "join_retries": crate::client::JOIN_RETRIES.load(std::sync::atomic::Ordering::Relaxed),
     });
     println!("SUMMARY {summary}");
     Ok(())
