@@ -15,6 +15,7 @@ pub mod watcher;
 pub use config::{ConfigError, NodeSpec, RingConfig, parse_nodes_list};
 pub use diff::{NodeShare, RingDiff};
 pub use placement::Ring;
+pub use reload::NewestSeen;
 
 /// The ring settings every process takes: `RING_CONFIG` or `RING_NODES`.
 #[derive(Debug, Clone, clap::Args)]

@@ -84,3 +84,35 @@ mod tests {
         );
     }
 }
+
+/// The newest ring version a peer has mentioned, so that a process says once per version that
+/// it has not read a newer ring yet.
+#[derive(Debug, Default)]
+pub struct NewestSeen(std::sync::atomic::AtomicU64);
+
+impl NewestSeen {
+    /// Whether `theirs`, mentioned by a peer, is newer than `ours` and than any version
+    /// mentioned before (then it is news, once).
+    pub fn is_news(&self, ours: u64, theirs: u64) -> bool {
+        theirs > ours
+            && self
+                .0
+                .fetch_max(theirs, std::sync::atomic::Ordering::Relaxed)
+                < theirs
+    }
+}
+
+#[cfg(test)]
+mod newest_seen_tests {
+    use super::NewestSeen;
+
+    #[test]
+    fn a_newer_version_is_news_once() {
+        let seen = NewestSeen::default();
+        assert!(!seen.is_news(5, 5), "not newer than ours");
+        assert!(seen.is_news(5, 7));
+        assert!(!seen.is_news(5, 7), "said already");
+        assert!(!seen.is_news(5, 6), "older than one said");
+        assert!(seen.is_news(5, 8));
+    }
+}

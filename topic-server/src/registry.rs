@@ -20,6 +20,15 @@ pub struct Position {
     pub offset: u64,
 }
 
+impl From<ringcast_proto::Position> for Position {
+    fn from(p: ringcast_proto::Position) -> Self {
+        Position {
+            epoch: p.epoch,
+            offset: p.offset,
+        }
+    }
+}
+
 /// Makes a fresh epoch for every topic state created, so that a recreated topic (after a
 /// restart, or after its log expired) is never mistaken for the old one.
 #[derive(Debug, Clone)]

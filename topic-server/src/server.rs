@@ -62,7 +62,8 @@ pub async fn run(
         shutdown.clone(),
     );
     let (mut rings, follower) = (ring_watch.ring.clone(), service.clone());
-    tokio::spawn(async move {
+    // Ends when the watcher does (at shutdown).
+    let follow = tokio::spawn(async move {
         while rings.changed().await.is_ok() {
             let ring = rings.borrow_and_update().clone();
             follower.set_ring(ring);
@@ -97,6 +98,7 @@ pub async fn run(
             },
         );
     server.await?;
+    follow.abort();
     tracing::info!("topic server stopped");
     Ok(())
 }

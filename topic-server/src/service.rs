@@ -8,10 +8,14 @@
 //! parked while the topic is fetched from its previous owner (`Take`: epoch, offset, log),
 //! so the numbering continues; requests that arrive meanwhile queue behind it, in order.
 
+use crate::handoff::{
+    self, Fetch, FetchStep, Install, Parked, RequestKind, Route, TakeVerdict, TopicFacts,
+};
 use crate::log::{LogLimits, Message};
 pub use crate::ownership::Ownership;
 use crate::peers::Peers;
 use crate::registry::{EpochSource, Position, TopicRegistry};
+use crate::shards::Shards;
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
 use ringcast_proto::batch;
@@ -20,9 +24,8 @@ use ringcast_proto::{
     Delivery, Down, DownBatch, LogEntry, Move, Publish, Subscribe, TakeReply, TakeRequest,
     Unsubscribe, Up, UpBatch, up,
 };
-use ringcast_ring::{NodeSpec, Ring};
+use ringcast_ring::{NewestSeen, NodeSpec, Ring};
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -33,9 +36,6 @@ use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 const SHARDS: usize = 64;
-/// The highest offset a handed-over topic may have (far beyond any real topic): above it,
-/// counting on would overflow.
-const MAX_OFFSET: u64 = u64::MAX / 2;
 
 /// How often topic logs are checked for messages past their age limit.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
@@ -190,6 +190,15 @@ impl TopicRequest {
         (!hint.is_empty()).then_some(hint.as_str())
     }
 
+    fn kind(&self) -> RequestKind {
+        match self {
+            TopicRequest::Subscribe(_) => RequestKind::Subscribe,
+            TopicRequest::Publish(_) => RequestKind::Publish,
+            TopicRequest::Move(_) => RequestKind::Move,
+            TopicRequest::Unsubscribe(_) => RequestKind::Unsubscribe,
+        }
+    }
+
     fn request_id(&self) -> u64 {
         match self {
             TopicRequest::Subscribe(r) => r.request_id,
@@ -207,11 +216,10 @@ struct Shard {
 }
 
 struct Shared {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Shards<Mutex<Shard>>,
     peers: Peers,
     /// The newest ring version a gateway has mentioned (to say so once per version).
-    newest_seen: AtomicU64,
-    hasher: RandomState,
+    newest_seen: NewestSeen,
     ownership: Ownership,
     limits: ServiceLimits,
     next_link: AtomicU64,
@@ -239,23 +247,20 @@ impl TopicService {
     /// A service whose link tasks stop when `shutdown` is cancelled.
     pub fn new(ownership: Ownership, limits: ServiceLimits, shutdown: CancellationToken) -> Self {
         let seed = rand::random::<u64>();
-        let shards = (0..SHARDS)
-            .map(|i| {
-                Mutex::new(Shard {
-                    registry: TopicRegistry::new(
-                        EpochSource::new(seed ^ ((i as u64) << 56)),
-                        limits.log,
-                    ),
-                    parked: HashMap::new(),
-                })
+        let shards = Shards::new(SHARDS, |i| {
+            Mutex::new(Shard {
+                registry: TopicRegistry::new(
+                    EpochSource::new(seed ^ ((i as u64) << 56)),
+                    limits.log,
+                ),
+                parked: HashMap::new(),
             })
-            .collect();
+        });
         let service = TopicService {
             shared: Arc::new(Shared {
                 shards,
                 peers: Peers::default(),
-                newest_seen: AtomicU64::new(0),
-                hasher: RandomState::new(),
+                newest_seen: NewestSeen::default(),
                 ownership,
                 limits,
                 next_link: AtomicU64::new(1),
@@ -365,14 +370,20 @@ impl TopicService {
             ring_version: ours,
             ..Default::default()
         };
-        if s.ownership.owns(topic) && ours >= request.ring_version {
-            return reply(Outcome::Owned);
-        }
-        if shard.parked.contains_key(topic) {
-            return reply(Outcome::Busy);
-        }
+        let verdict = handoff::take_verdict(
+            s.ownership.owns(topic),
+            ours,
+            request.ring_version,
+            shard.parked.contains_key(topic),
+            shard.registry.contains(topic),
+        );
+        let mark_moved = match verdict {
+            TakeVerdict::Owned => return reply(Outcome::Owned),
+            TakeVerdict::Busy => return reply(Outcome::Busy),
+            TakeVerdict::HandOver { mark_moved } => mark_moved,
+        };
         let handoff = shard.registry.take(topic, Instant::now());
-        if handoff.is_some() || ours < request.ring_version {
+        if mark_moved {
             // Refused here until this node reads that ring; a lead if a ring gives it back.
             let to = (!request.addr.is_empty()).then(|| request.addr.clone());
             shard.registry.mark_moved(topic, request.ring_version, to);
@@ -532,7 +543,7 @@ impl Shared {
     }
 
     fn shard(&self, topic: &str) -> &Mutex<Shard> {
-        &self.shards[(self.hasher.hash_one(topic) as usize) % self.shards.len()]
+        self.shards.of(topic)
     }
 
     fn send(&self, link: &Link, down: Down) {
@@ -568,64 +579,45 @@ impl Shared {
             up::Kind::Publish(r) => TopicRequest::Publish(r),
             up::Kind::Move(r) => TopicRequest::Move(r),
         };
-        if !self.ownership.owns(request.topic()) {
-            let version = self.ownership.version();
-            return self.wrong_owner(link, request, version);
-        }
-        let mut shard = self.shard(request.topic()).lock();
-        if let Some(queue) = shard.parked.get_mut(request.topic()) {
-            // Bounded by a quarter of a stream's queue (served at once, a waiting publish
-            // answers with an ack and a delivery): later ones are refused, and the gateway
-            // answers `unavailable` (phoenix.js retries a join by itself).
-            if queue.len() >= self.limits.stream_queue / 4 {
+        let topic = request.topic().to_owned();
+        let mut shard = self.shard(&topic).lock();
+        let facts = TopicFacts {
+            owns: self.ownership.owns(&topic),
+            version: self.ownership.version(),
+            held: shard.registry.contains(&topic),
+            parked: shard.parked.get(&topic).map(Vec::len),
+            moved: shard.registry.moved(&topic),
+            hint: request.hint(),
+            previous_owners: self.ownership.previous_owners(&topic),
+        };
+        // Waiting requests are bounded by a quarter of a stream's queue (served at once, a
+        // waiting publish answers with an ack and a delivery): later ones are refused, and
+        // the gateway answers `unavailable` (phoenix.js retries a join by itself).
+        let park_limit = self.limits.stream_queue / 4;
+        match handoff::route(facts, park_limit, |known| self.ownership.others(known)) {
+            Route::WrongOwner(version) => {
+                drop(shard);
+                self.wrong_owner(link, request, version)
+            }
+            Route::Serve => self.serve(&mut shard, link, request),
+            Route::Park => {
+                if let Some(queue) = shard.parked.get_mut(&topic) {
+                    queue.push((link.clone(), request));
+                }
+            }
+            Route::Refuse => {
                 self.stats.parked_refused.fetch_add(1, Relaxed);
                 let refused = Down::rejected(request.request_id(), "unavailable");
-                return self.send(&link.0, refused);
+                self.send(&link.0, refused);
             }
-            return queue.push((link.clone(), request));
-        }
-        // A topic held here is served at once (a handover removes it); only an absent one
-        // may have been handed away, or may have to be fetched.
-        if !shard.registry.contains(request.topic()) {
-            let moved = shard.registry.moved(request.topic()).cloned();
-            if let Some(version) = self.refused_version(moved.as_ref()) {
-                return self.wrong_owner(link, request, version);
-            }
-            // Where it may be now: where this node handed it, where the sender's previous
-            // ring put it, its owners under this node's previous rings, and then anyone else
-            // in the ring.
-            let mut previous: Vec<NodeSpec> = Vec::new();
-            let leads = [moved.and_then(|m| m.to), request.hint().map(str::to_owned)];
-            for addr in leads.into_iter().flatten() {
-                push_node(&mut previous, node_at(addr));
-            }
-            for node in self.ownership.previous_owners(request.topic()) {
-                push_node(&mut previous, node);
-            }
-            if !previous.is_empty() {
-                let others = self.ownership.others(&previous);
-                previous.extend(others);
-            }
-            if !previous.is_empty() {
+            Route::Fetch(previous) => {
                 // It may live at a previous owner: fetch it first, then serve in order.
-                let topic = request.topic().to_owned();
                 shard
                     .parked
                     .insert(topic.clone(), vec![(link.clone(), request)]);
                 self.tasks.spawn(self.clone().fetch(topic, previous));
-                return;
             }
         }
-        self.serve(&mut shard, link, request);
-    }
-
-    /// Serves a request for a topic this node owns and holds (or may create).
-    /// The ring version to refuse a topic with, if it was handed to its owner under a newer
-    /// ring than this node has read.
-    fn refused_version(&self, moved: Option<&crate::registry::Moved>) -> Option<u64> {
-        moved
-            .map(|m| m.version)
-            .filter(|v| *v > self.ownership.version())
     }
 
     fn unsubscribe(&self, shard: &mut TopicRegistry<LinkRef>, link: &LinkRef, unsub: Unsubscribe) {
@@ -637,15 +629,13 @@ impl Shared {
         self.send(&link.0, Down::ack(unsub.request_id, epoch, offset));
     }
 
+    /// Serves a request for a topic this node owns and holds (or may create).
     fn serve(&self, shard: &mut Shard, link: &LinkRef, request: TopicRequest) {
         let shard = &mut shard.registry;
         let now = Instant::now();
         match request {
             TopicRequest::Subscribe(sub) => {
-                let recover = sub.recover.map(|p| Position {
-                    epoch: p.epoch,
-                    offset: p.offset,
-                });
+                let recover = sub.recover.map(Position::from);
                 let subscribed = shard.subscribe(&sub.topic, link, sub.subscriber, recover, now);
                 // Sent under the shard lock: replay and ack are ordered with the topic's
                 // deliveries, so the subscriber's messages continue with no gap.
@@ -653,10 +643,7 @@ impl Shared {
             }
             TopicRequest::Move(mv) => {
                 self.stats.moves.fetch_add(1, Relaxed);
-                let from = mv.from.map(|p| Position {
-                    epoch: p.epoch,
-                    offset: p.offset,
-                });
+                let from = mv.from.map(Position::from);
                 let mut subscribed = None;
                 for (i, subscriber) in mv.subscribers.iter().enumerate() {
                     let recover = if i == 0 { from } else { None };
@@ -734,51 +721,32 @@ impl Shared {
             topic: topic.clone(),
             addr: self.ownership.own_addr().unwrap_or_default(),
         };
-        let mut found = None;
-        let mut previous = previous;
-        let mut next = 0;
-        'owners: while let Some(owner) = previous.get(next).cloned() {
-            next += 1;
-            for _ in 0..50 {
-                let answer = self.peers.take(&owner.addr, request.clone()).await;
-                tracing::debug!(%topic, owner = %owner.id, outcome = ?answer.as_ref().map(|r| r.outcome()), "asked for a moved topic");
-                match answer {
-                    Ok(reply) => match reply.outcome() {
-                        Outcome::Found | Outcome::Owned => {
-                            found = Some(reply);
-                            break 'owners;
-                        }
-                        Outcome::Absent => {
-                            if !reply.moved_to.is_empty() {
-                                // It went on from there: follow it.
-                                push_node(&mut previous, node_at(reply.moved_to));
-                            }
-                            continue 'owners;
-                        }
-                        // The previous owner is fetching it itself: ask again shortly.
-                        Outcome::Busy => tokio::time::sleep(Duration::from_millis(20)).await,
-                    },
-                    Err(e) => {
-                        tracing::warn!(%topic, owner = %owner.id, error = %e, "cannot fetch a moved topic from its previous owner");
-                        continue 'owners;
-                    }
-                }
+        let (mut fetch, mut step) = Fetch::start(previous);
+        let found = loop {
+            let (owner, after) = match step {
+                FetchStep::Done(found) => break found,
+                FetchStep::Ask(owner, after) => (owner, after),
+            };
+            if !after.is_zero() {
+                // The previous owner is fetching it itself: ask again shortly.
+                tokio::time::sleep(after).await;
             }
-        }
-        tracing::debug!(%topic, asked = previous.len(), found = found.is_some(), "moved topic fetched");
+            let answer = self.peers.take(&owner.addr, request.clone()).await;
+            tracing::debug!(%topic, owner = %owner.id, outcome = ?answer.as_ref().map(|r| r.outcome()), "asked for a moved topic");
+            if let Err(e) = &answer {
+                tracing::warn!(%topic, owner = %owner.id, error = %e, "cannot fetch a moved topic from its previous owner");
+            }
+            step = fetch.on_answer(answer.map_err(|_| ()));
+        };
+        tracing::debug!(%topic, asked = fetch.candidates(), found = found.is_some(), "moved topic fetched");
         let mut shard = self.shard(&topic).lock();
         shard.registry.clear_moved(&topic);
-        match found {
-            Some(reply) if reply.outcome() == Outcome::Owned => {
-                tracing::warn!(%topic, their_version = reply.ring_version, "a newer ring gives this topic elsewhere");
-                shard.registry.mark_moved(&topic, reply.ring_version, None);
+        match handoff::install(found) {
+            Install::OwnedElsewhere(version) => {
+                tracing::warn!(%topic, their_version = version, "a newer ring gives this topic elsewhere");
+                shard.registry.mark_moved(&topic, version, None);
             }
-            Some(reply) if reply.offset > MAX_OFFSET => {
-                // No topic gets there by publishing: a broken peer. Start a new epoch.
-                tracing::warn!(%topic, offset = reply.offset, "a previous owner sent an impossible offset");
-                self.stats.handoffs_empty.fetch_add(1, Relaxed);
-            }
-            Some(reply) => {
+            Install::Continue(reply) => {
                 let now = Instant::now();
                 let log = reply
                     .log
@@ -797,38 +765,26 @@ impl Shared {
                     .install(&topic, reply.epoch, reply.offset, log, now);
                 self.stats.handoffs_in.fetch_add(1, Relaxed);
             }
-            None => {
+            Install::Afresh => {
                 self.stats.handoffs_empty.fetch_add(1, Relaxed);
             }
         }
-        let refused = self.refused_version(shard.registry.moved(&topic));
+        let version = self.ownership.version();
+        let refused = handoff::refused_version(shard.registry.moved(&topic), version);
+        let owns = self.ownership.owns(&topic);
         for (link, request) in shard.parked.remove(&topic).unwrap_or_default() {
-            if link.0.closed.is_cancelled() && !matches!(request, TopicRequest::Publish(_)) {
-                // Its gateway's stream ended while the topic was fetched: the subscription
-                // would outlive the stream (its subscriptions were dropped already, or are
-                // being dropped and this one would be missed).
-                continue;
-            }
-            match refused {
-                // An unsubscribe is served whoever owns the topic.
-                _ if matches!(request, TopicRequest::Unsubscribe(_)) => {
-                    self.serve(&mut shard, &link, request)
-                }
-                _ if !self.ownership.owns(&topic) => {
-                    let version = self.ownership.version();
-                    self.wrong_owner(&link, request, version);
-                }
-                Some(version) => self.wrong_owner(&link, request, version),
-                None => self.serve(&mut shard, &link, request),
+            let ended = link.0.closed.is_cancelled();
+            match handoff::parked(ended, request.kind(), owns, version, refused) {
+                Parked::Serve => self.serve(&mut shard, &link, request),
+                Parked::WrongOwner(version) => self.wrong_owner(&link, request, version),
+                Parked::Drop => {}
             }
         }
     }
 
     /// A gateway or peer mentioned ring `version`: say so once if it is newer than ours.
     fn heard_of(&self, version: u64) {
-        if version > self.ownership.version()
-            && self.newest_seen.fetch_max(version, Relaxed) < version
-        {
+        if self.newest_seen.is_news(self.ownership.version(), version) {
             tracing::warn!(
                 ours = self.ownership.version(),
                 theirs = version,
@@ -847,21 +803,5 @@ impl Shared {
             TopicRequest::Unsubscribe(r) => r.topic,
         };
         self.send(&link.0, Down::wrong_owner(id, topic, version));
-    }
-}
-
-/// A node known only by its address (a lead from a gateway or a peer).
-fn node_at(addr: String) -> NodeSpec {
-    NodeSpec {
-        id: format!("node at {addr}"),
-        addr,
-        weight: 1,
-    }
-}
-
-/// Adds `node` to the nodes to ask, unless one at the same address is there already.
-fn push_node(nodes: &mut Vec<NodeSpec>, node: NodeSpec) {
-    if !nodes.iter().any(|n| n.addr == node.addr) {
-        nodes.push(node);
     }
 }
