@@ -53,6 +53,12 @@ pub enum ChannelEvent {
         sub: u64,
         reason: String,
     },
+    /// The owner answered publish `token` (sent by this connection): where the message
+    /// went, or why it was refused.
+    Published {
+        token: u64,
+        result: Result<crate::index::Position, String>,
+    },
     /// The subscription `sub` of `topic` is gone (owner lost): the channel must error.
     Interrupted {
         topic: String,

@@ -16,8 +16,8 @@ use crate::feed::{Feed, Nudge, Reader};
 use crate::metrics::Metrics;
 use crate::ws;
 use parking_lot::{Mutex, RwLock};
+use ringcast_topic_server::shards::Shards;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 const SHARDS: usize = 64;
@@ -49,6 +49,24 @@ pub struct LocalSub {
 pub struct Position {
     pub epoch: u64,
     pub offset: u64,
+}
+
+impl From<ringcast_proto::Position> for Position {
+    fn from(p: ringcast_proto::Position) -> Self {
+        Position {
+            epoch: p.epoch,
+            offset: p.offset,
+        }
+    }
+}
+
+impl From<Position> for ringcast_proto::Position {
+    fn from(p: Position) -> Self {
+        ringcast_proto::Position {
+            epoch: p.epoch,
+            offset: p.offset,
+        }
+    }
 }
 
 /// One message of a topic as its owner sent it.
@@ -116,22 +134,20 @@ impl TopicSubs {
 /// `topic -> local subscribers` for one gateway.
 #[derive(Debug)]
 pub struct LocalIndex {
-    shards: Box<[RwLock<HashMap<String, TopicSubs>>]>,
-    hasher: RandomState,
+    shards: Shards<RwLock<HashMap<String, TopicSubs>>>,
 }
 
 impl Default for LocalIndex {
     fn default() -> Self {
         LocalIndex {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: Shards::new(SHARDS, |_| RwLock::new(HashMap::new())),
         }
     }
 }
 
 impl LocalIndex {
     fn shard(&self, topic: &str) -> &RwLock<HashMap<String, TopicSubs>> {
-        &self.shards[(self.hasher.hash_one(topic) as usize) % self.shards.len()]
+        self.shards.of(topic)
     }
 
     /// Adds a subscriber accepted by `node` at position `at`, unless its connection has
@@ -380,6 +396,24 @@ impl LocalIndex {
             topics.sort();
         }
         by_node
+    }
+}
+
+impl crate::cluster::directory::Feeds for LocalIndex {
+    fn feed(&self, topic: &str) -> Option<(Arc<str>, Position)> {
+        LocalIndex::feed(self, topic)
+    }
+
+    fn subs(&self, topic: &str) -> Vec<u64> {
+        LocalIndex::subs(self, topic)
+    }
+
+    fn feeds(&self) -> Vec<(String, Arc<str>, Vec<u64>)> {
+        LocalIndex::feeds(self)
+    }
+
+    fn has_node(&self, node: &str) -> bool {
+        LocalIndex::has_node(self, node)
     }
 }
 

@@ -4,14 +4,14 @@
 //! `run` is what the binary and the tests call. axum does not track upgraded websockets in
 //! graceful shutdown, so the gateway tracks its own connections and closes them with 1012.
 
+use crate::cluster::directory::EMBEDDED_NODE;
+use crate::cluster::driver::Driver;
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::codec::Vsn;
 use crate::config::Config;
 use crate::index::LocalIndex;
 use crate::metrics::Metrics;
-use crate::routing::{LinkFactory, RingRouting, Routing};
-use crate::upstream::{Connector, LinkContext, UpstreamLink};
-use crate::{Gateway, rebalance, session, ws};
-use arc_swap::ArcSwap;
+use crate::{Gateway, session, ws};
 use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -32,9 +32,6 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Node id of the embedded topic-server core.
-pub const EMBEDDED_NODE: &str = "local";
-
 #[derive(Clone)]
 struct AppState {
     gateway: Arc<Gateway>,
@@ -49,93 +46,77 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Connections; the links and the driver; the embedded core and the small tasks: each
+    // group stops in turn at shutdown.
     let tracker = TaskTracker::new();
     let links_stop = CancellationToken::new();
+    let link_tasks = TaskTracker::new();
+    let core_stop = CancellationToken::new();
+    let background = TaskTracker::new();
     let index = Arc::new(LocalIndex::default());
     let metrics = Arc::new(Metrics::default());
-    let ring_version = Arc::new(AtomicU64::new(
-        config.ring.as_ref().map_or(0, |(r, _)| r.version()),
-    ));
-    let ring = config
+    let embedded_core = config
         .ring
-        .as_ref()
-        .map(|(ring, _)| Arc::new(ArcSwap::from_pointee(ring.clone())));
-    let ctx = Arc::new(LinkContext {
+        .is_none()
+        .then(|| TopicService::new(Ownership::All, ServiceLimits::default(), core_stop.clone()));
+    let cluster_config = ClusterConfig {
         gateway_id: config.gateway_id.clone(),
-        index: index.clone(),
-        metrics: metrics.clone(),
+        ring: config.ring.as_ref().map(|(ring, _)| ring.clone()),
         queue: config.upstream_queue,
-        ring_version,
-        ring: ring.clone(),
-        previous_ring: Default::default(),
-        gateway: std::sync::OnceLock::new(),
-        newest_seen: AtomicU64::new(0),
-    });
-    let link_context = ctx.clone();
-    let core_stop = CancellationToken::new();
-    let link_tasks = TaskTracker::new();
-    let link_runtime = crate::link_runtime::LinkRuntime::start(config.link_threads)?;
-    let (routing, ring_watch) = match (&config.ring, ring) {
-        (Some((initial, source)), Some(ring)) => {
-            let factory = LinkFactory {
-                ctx,
-                keepalive: config.keepalive,
-                max_message_bytes: ringcast_proto::batch::MAX_MESSAGE_BYTES,
-                stop: links_stop.clone(),
-                tasks: link_tasks.clone(),
-                runtime: link_runtime.handle().clone(),
-            };
-            let watch = watcher::spawn(source.clone(), initial.clone(), shutdown.clone());
-            (
-                Routing::Ring(RingRouting::start(ring, factory)),
-                Some(watch),
-            )
-        }
-        _ => {
-            let core =
-                TopicService::new(Ownership::All, ServiceLimits::default(), core_stop.clone());
-            let link = UpstreamLink::new(
-                EMBEDDED_NODE.into(),
-                Connector::InProcess(core),
-                ctx,
-                links_stop.clone(),
-            );
-            link_tasks.spawn_on(link.clone().run(), link_runtime.handle());
-            tokio::spawn(hangup_notice(shutdown.clone()));
-            (Routing::Embedded(link), None)
+        keepalive: config.keepalive,
+        max_message_bytes: ringcast_proto::batch::MAX_MESSAGE_BYTES,
+        link_threads: config.link_threads,
+    };
+    let (cluster, events) = Cluster::start(
+        cluster_config,
+        index.clone(),
+        metrics.clone(),
+        links_stop.clone(),
+        link_tasks.clone(),
+        embedded_core,
+    )?;
+    let ring_watch = match &config.ring {
+        Some((initial, source)) => Some(watcher::spawn(
+            source.clone(),
+            initial.clone(),
+            shutdown.clone(),
+        )),
+        None => {
+            background.spawn(hangup_notice(shutdown.clone()));
+            None
         }
     };
+    let driver = Driver::new(
+        cluster.clone(),
+        events,
+        ring_watch.as_ref().map(|w| w.ring.clone()),
+    );
+    link_tasks.spawn(driver.run(links_stop.clone()));
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let grace = config.shutdown_grace;
     let gateway = Arc::new(Gateway {
         config,
-        routing,
+        cluster,
         ring_watch,
         index,
         metrics,
-        link_context: link_context.clone(),
-        moves: Default::default(),
         next_sub: AtomicU64::new(1),
         next_conn: AtomicU64::new(1),
         shutdown: shutdown.clone(),
         conns: Default::default(),
     });
-    let _ = link_context.gateway.set(Arc::downgrade(&gateway));
     {
         let gateway = gateway.clone();
-        tokio::spawn(async move {
+        background.spawn(async move {
             gateway.shutdown.cancelled().await;
             gateway.conns.shut_down();
         });
-    }
-    if let Some(watch) = &gateway.ring_watch {
-        tokio::spawn(rebalance::follow(gateway.clone(), watch.ring.clone()));
     }
     tracing::info!(
         addr = %listener.local_addr()?,
         gateway = %gateway.config.gateway_id,
         mode = if gateway.config.ring.is_some() { "ring" } else { "embedded" },
-        ring_version = gateway.routing.version(),
+        ring_version = gateway.cluster.version(),
         "gateway listening"
     );
 
@@ -173,7 +154,8 @@ pub async fn run(
     link_tasks.close();
     link_tasks.wait().await;
     core_stop.cancel();
-    drop(link_runtime);
+    background.close();
+    background.wait().await;
     tracing::info!("gateway stopped");
     Ok(())
 }
@@ -231,7 +213,7 @@ async fn status(State(state): State<AppState>) -> impl IntoResponse {
     let g = &state.gateway;
     let m = &g.metrics;
     let links: Vec<_> = g
-        .routing
+        .cluster
         .links()
         .iter()
         .map(|l| json!({ "node": &**l.node(), "addr": l.addr(), "connected": l.is_connected() }))
@@ -239,7 +221,7 @@ async fn status(State(state): State<AppState>) -> impl IntoResponse {
     Json(json!({
         "gateway_id": g.config.gateway_id,
         "mode": if g.config.ring.is_some() { "ring" } else { "embedded" },
-        "ring_version": g.routing.version(),
+        "ring_version": g.cluster.version(),
         "ring_refused": g.ring_watch.as_ref().and_then(|w| w.refused()),
         "links": links,
         "connections": m.connections.load(Relaxed),
@@ -262,27 +244,28 @@ async fn status(State(state): State<AppState>) -> impl IntoResponse {
 /// `GET /ring`: the ring in force, the links, and which local topics sit on which node.
 async fn ring_view(State(state): State<AppState>) -> impl IntoResponse {
     let g = &state.gateway;
-    let (version, nodes) = match &g.routing {
-        Routing::Ring(routing) => {
-            let ring = routing.ring();
-            let nodes: Vec<_> = ring
+    let links = g.cluster.links();
+    let (version, nodes) =
+        match g.cluster.ring() {
+            Some(ring) => {
+                let nodes: Vec<_> = ring
                 .nodes()
                 .iter()
                 .map(|n| {
-                    let connected = g.routing.link(&n.id).is_some_and(|l| l.is_connected());
+                    let connected = links.iter().any(|l| **l.node() == *n.id && l.is_connected());
                     json!({"id": n.id, "addr": n.addr, "weight": n.weight, "connected": connected})
                 })
                 .collect();
-            (ring.version(), nodes)
-        }
-        Routing::Embedded(_) => (0, vec![json!({"id": EMBEDDED_NODE, "connected": true})]),
-    };
+                (ring.version(), nodes)
+            }
+            None => (0, vec![json!({"id": EMBEDDED_NODE, "connected": true})]),
+        };
     Json(json!({
         "version": version,
         "refused": g.ring_watch.as_ref().and_then(|w| w.refused()),
         "nodes": nodes,
         "topics": g.index.topics_by_node(),
-        "moving": g.moves.lock().len(),
+        "moving": g.cluster.moving(),
     }))
 }
 

@@ -4,20 +4,19 @@
 //! into replies and upstream requests (no IO of its own); `serve` is the connection's one
 //! task: it reads frames, drains the inbox, and writes everything queued with `writev`.
 
+use crate::Gateway;
+use crate::cluster::request::{Join, Publish};
 use crate::codec::{self, InFrame, Vsn};
 use crate::conn::{ChannelEvent, ConnEvent, ConnHandle, Cut};
 use crate::feed::{Attached, Lagged, Reader};
-use crate::index::GroupKey;
+use crate::index::{GroupKey, Position};
 use crate::metrics::Metrics;
-use crate::upstream::{Pending, ReplyTo};
 use crate::ws::Outbox;
-use crate::{Gateway, rebalance};
 use bytes::BytesMut;
 use futures::task::AtomicWaker;
 use futures::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use ringcast_proto::Position;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::future::poll_fn;
@@ -125,12 +124,23 @@ struct Channel {
     replaces: Option<Box<Channel>>,
 }
 
+/// A publish waiting for its owner's answer: what the reply to the client needs.
+#[derive(Debug)]
+struct PublishReply {
+    join_ref: Option<Box<str>>,
+    msg_ref: Option<Box<str>>,
+    topic: String,
+}
+
 /// The protocol state of one connection.
 pub struct Session {
     vsn: Vsn,
     conn: ConnHandle,
     gateway: Arc<Gateway>,
     channels: HashMap<String, Channel>,
+    /// Publishes sent and not answered yet, by token; at most `GATEWAY_CLIENT_QUEUE`.
+    publishes: HashMap<u64, PublishReply>,
+    next_token: u64,
     malformed: (Instant, u32),
 }
 
@@ -141,6 +151,8 @@ impl Session {
             conn,
             gateway,
             channels: HashMap::new(),
+            publishes: HashMap::new(),
+            next_token: 0,
             malformed: (Instant::now(), 0),
         }
     }
@@ -246,7 +258,7 @@ impl Session {
         let recover = parse_recover(f.payload)?;
         let sub = gateway.next_sub.fetch_add(1, Relaxed);
         let join_ref: Option<Arc<str>> = f.join_ref.map(Arc::from);
-        let pending = Pending::Join {
+        let join = Join {
             conn: self.conn.clone(),
             topic: topic.clone(),
             sub,
@@ -255,16 +267,7 @@ impl Session {
             replay: Vec::new(),
         };
         // At the topic's feed if other local subscribers have one, else at its owner.
-        let node = match gateway.index.feed(topic) {
-            Some((node, _)) => node,
-            None => match gateway.routing.route(topic) {
-                Some(link) => link.node().clone(),
-                None => return Err("unavailable"),
-            },
-        };
-        if rebalance::dispatch(gateway, pending).is_err() {
-            return Err("unavailable");
-        }
+        let node = gateway.cluster.join(join).map_err(|_| "unavailable")?;
         Metrics::inc(&gateway.metrics.joins);
         Ok(Channel {
             join_ref,
@@ -321,26 +324,35 @@ impl Session {
         if reserved_event(&event) {
             return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unsupported event", out);
         }
+        // Every answer must fit the connection's inbox with room to spare.
+        if self.publishes.len() >= self.gateway.config.client_queue / 2 {
+            return self.reply_error(
+                f.join_ref,
+                f.msg_ref,
+                &f.topic,
+                "too many publishes in flight",
+                out,
+            );
+        }
         // To the topic's owner under the ring in force (which orders it).
-        let Some(link) = self.gateway.routing.route(&f.topic) else {
-            return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unavailable", out);
-        };
-        let reply = ReplyTo {
+        let token = self.next_token;
+        self.next_token += 1;
+        let publish = Publish {
             conn: self.conn.clone(),
-            vsn: self.vsn,
+            token,
+            topic: f.topic.clone(),
+            event,
+            payload: bytes::Bytes::copy_from_slice(codec::compact(payload).as_bytes()),
+        };
+        if self.gateway.cluster.publish(publish).is_err() {
+            return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unavailable", out);
+        }
+        let reply = PublishReply {
             join_ref: f.join_ref.map(Box::from),
             msg_ref: f.msg_ref.map(Box::from),
             topic: f.topic.clone(),
         };
-        let bytes = bytes::Bytes::copy_from_slice(codec::compact(payload).as_bytes());
-        let pending = Pending::Publish {
-            reply,
-            event,
-            payload: bytes,
-        };
-        if link.request(pending).is_err() {
-            return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unavailable", out);
-        }
+        self.publishes.insert(token, reply);
         Metrics::inc(&self.gateway.metrics.publishes);
     }
 
@@ -452,6 +464,26 @@ impl Session {
                     self.close_channel(&topic, &old, out);
                 }
             }
+            ChannelEvent::Published { token, result } => {
+                let Some(reply) = self.publishes.remove(&token) else {
+                    return;
+                };
+                let (join_ref, msg_ref) = (reply.join_ref.as_deref(), reply.msg_ref.as_deref());
+                let frame = match result {
+                    Ok(at) => codec::reply(
+                        self.vsn,
+                        join_ref,
+                        msg_ref,
+                        &reply.topic,
+                        "ok",
+                        &codec::position(at.epoch, at.offset, None),
+                    ),
+                    Err(reason) => {
+                        codec::error_reply(self.vsn, join_ref, msg_ref, &reply.topic, &reason)
+                    }
+                };
+                out.push_text(frame);
+            }
             ChannelEvent::Interrupted { topic, sub, reason } => {
                 let Some(channel) = self.channels.get_mut(&topic) else {
                     return;
@@ -492,9 +524,7 @@ impl Session {
     fn release_sub(&self, topic: &str, sub: u64, node: &str) {
         let at = self.gateway.index.remove(topic, sub);
         let node = at.as_deref().unwrap_or(node);
-        if let Some(link) = self.gateway.routing.link(node) {
-            link.unsubscribe(topic, sub);
-        }
+        self.gateway.cluster.unsubscribe(node, topic, sub);
     }
 
     /// Releases every subscription of the connection (it is closing).
