@@ -290,6 +290,8 @@ pub fn check(
 /// Subscribers and publishers on both gateways of a cluster, on `topics`.
 pub struct Traffic {
     pub topics: Vec<String>,
+    /// The gateways' websocket URLs; the last message of each topic goes through the first.
+    urls: Vec<String>,
     subscribers: Vec<(Channels, tokio::task::JoinHandle<Channels>)>,
     publishers: Vec<tokio::task::JoinHandle<Channels>>,
     stop: watch::Sender<bool>,
@@ -306,21 +308,35 @@ impl Traffic {
         subscribers: usize,
         every: Duration,
     ) -> Traffic {
+        let urls = (0..cluster.gateways.len())
+            .map(|gw| cluster.ws_url(gw))
+            .collect();
+        Traffic::start_at(urls, topics, subscribers, every).await
+    }
+
+    /// As [`Traffic::start`], on the gateways at `urls` (websocket URLs).
+    pub async fn start_at(
+        urls: Vec<String>,
+        topics: Vec<String>,
+        subscribers: usize,
+        every: Duration,
+    ) -> Traffic {
         let (stop, stopped) = watch::channel(false);
         let (publishing, on) = watch::channel(true);
         let owner: OwnerLog = Arc::default();
         let next_id = Arc::new(AtomicU64::new(1));
         let mut traffic = Traffic {
             topics,
+            urls: urls.clone(),
             subscribers: Vec::new(),
             publishers: Vec::new(),
             stop,
             publishing,
             owner: owner.clone(),
         };
-        for gw in 0..cluster.gateways.len() {
+        for url in &urls {
             for _ in 0..subscribers {
-                let client = Client::new(cluster.ws_url(gw), &traffic.topics, None);
+                let client = Client::new(url.clone(), &traffic.topics, None);
                 let channels = client.channels.clone();
                 traffic
                     .subscribers
@@ -332,7 +348,7 @@ impl Traffic {
                 next_id: next_id.clone(),
                 on: on.clone(),
             };
-            let client = Client::new(cluster.ws_url(gw), &traffic.topics, Some(publish));
+            let client = Client::new(url.clone(), &traffic.topics, Some(publish));
             traffic
                 .publishers
                 .push(tokio::spawn(client.run(stopped.clone())));
@@ -364,11 +380,11 @@ impl Traffic {
     /// Stops publishing, waits for every subscriber to be back on every topic, publishes a
     /// last message per topic (through gateway 0) that every subscriber must reach at exactly
     /// the owner's offset, then checks everything every subscriber saw.
-    pub async fn finish(self, cluster: &Cluster) -> Report {
+    pub async fn finish(self) -> Report {
         self.publishing.send_replace(false);
         self.wait_joined().await;
         for topic in &self.topics {
-            let mut last = WsClient::connect(&cluster.ws_url(0)).await;
+            let mut last = WsClient::connect(&self.urls[0]).await;
             last.join_ok(topic, "1").await;
             let reply = last.publish_reply("1", topic, "m", json!(0)).await;
             let at = (

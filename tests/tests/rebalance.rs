@@ -108,7 +108,7 @@ async fn adding_a_topic_server_moves_topics_without_a_client_noticing() {
     cluster.write_ring_for(RingTarget::All, 2, &cluster.nodes(&[0, 1, c]));
     settled(&cluster, &ring).await;
     publish_a_while(&traffic).await;
-    let report = traffic.finish(&cluster).await;
+    let report = traffic.finish().await;
     assert_seamless(&report);
     assert!(cluster.topic_servers[c].status().await["handoffs_in"].as_u64() > Some(0));
     let mut gateway_moves = 0;
@@ -156,7 +156,7 @@ async fn removing_a_topic_server_gracefully_hands_its_topics_over() {
     let status = cluster.topic_servers[1].terminate();
     assert!(status.is_some_and(|s| s.success()));
     publish_a_while(&traffic).await;
-    assert_seamless(&traffic.finish(&cluster).await);
+    assert_seamless(&traffic.finish().await);
 }
 
 #[tokio::test]
@@ -171,7 +171,7 @@ async fn changing_a_weight_moves_a_share_of_the_topics() {
     cluster.write_ring_toml(RingTarget::All, &text);
     settled(&cluster, &ring_of(&text)).await;
     publish_a_while(&traffic).await;
-    assert_seamless(&traffic.finish(&cluster).await);
+    assert_seamless(&traffic.finish().await);
     assert!(sum(&cluster, "handoffs_in").await > 0, "something moved");
 }
 
@@ -189,7 +189,7 @@ async fn two_edits_in_quick_succession() {
     cluster.write_ring_toml(RingTarget::All, &text);
     settled(&cluster, &ring_of(&text)).await;
     publish_a_while(&traffic).await;
-    assert_seamless(&traffic.finish(&cluster).await);
+    assert_seamless(&traffic.finish().await);
 }
 
 #[tokio::test]
@@ -210,7 +210,7 @@ async fn the_new_ring_reaching_gateways_before_topic_servers() {
     cluster.write_ring_toml(RingTarget::TopicServers, &text);
     settled(&cluster, &ring_of(&text)).await;
     publish_a_while(&traffic).await;
-    assert_seamless(&traffic.finish(&cluster).await);
+    assert_seamless(&traffic.finish().await);
 }
 
 #[tokio::test]
@@ -233,7 +233,7 @@ async fn the_new_ring_reaching_topic_servers_before_gateways() {
     settled(&cluster, &ring_of(&text)).await;
     publish_a_while(&traffic).await;
     assert!(traffic.published() > before);
-    assert_seamless(&traffic.finish(&cluster).await);
+    assert_seamless(&traffic.finish().await);
 }
 
 /// Makes a join of a topic wait at ts-b: ts-a holds the topic (one logged message, no

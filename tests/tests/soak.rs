@@ -57,7 +57,7 @@ async fn soak(duration: Duration, kill_every: Duration, victims: &[&str]) -> Rep
         cluster.wait_links(i).await;
     }
     eprintln!("{round} kills");
-    traffic.finish(&cluster).await
+    traffic.finish().await
 }
 
 #[tokio::test]
