@@ -199,7 +199,9 @@ async fn ring_edits_in_a_row_at_many_intervals_lose_and_repeat_nothing() {
         publish_a_while(&traffic, 50).await;
         let mut moves = 0;
         for gw in &cluster.gateways {
-            moves += get(*gw, "/status").await.unwrap()["moves"].as_u64().unwrap();
+            moves += get(*gw, "/status").await.unwrap()["moves"]
+                .as_u64()
+                .unwrap();
         }
         assert!(moves > 0, "round {round}: topics moved");
         let report = traffic.finish().await;

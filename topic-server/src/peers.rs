@@ -9,6 +9,17 @@ use tonic::transport::{Channel, Endpoint};
 /// How long one `Take` may take, connection included.
 const TAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Why a `Take` got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeError {
+    #[error("bad address {0}: {1}")]
+    Address(String, tonic::transport::Error),
+    #[error("take at {0}: {1}")]
+    Refused(String, tonic::Status),
+    #[error("take at {0}: no answer within {1:?}")]
+    Timeout(String, Duration),
+}
+
 /// One lazily connected channel per peer address.
 #[derive(Debug, Default)]
 pub struct Peers {
@@ -16,13 +27,13 @@ pub struct Peers {
 }
 
 impl Peers {
-    fn channel(&self, addr: &str) -> Result<Channel, String> {
+    fn channel(&self, addr: &str) -> Result<Channel, TakeError> {
         let mut channels = self.channels.lock();
         if let Some(channel) = channels.get(addr) {
             return Ok(channel.clone());
         }
         let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("bad address {addr}: {e}"))?
+            .map_err(|e| TakeError::Address(addr.to_owned(), e))?
             .connect_timeout(TAKE_TIMEOUT)
             .tcp_nodelay(true)
             .connect_lazy();
@@ -31,15 +42,15 @@ impl Peers {
     }
 
     /// Asks the topic server at `addr` to hand a topic over.
-    pub async fn take(&self, addr: &str, request: TakeRequest) -> Result<TakeReply, String> {
+    pub async fn take(&self, addr: &str, request: TakeRequest) -> Result<TakeReply, TakeError> {
         // A reply carries the topic's whole log: the same limit as the server's own.
         let mut client = TopicServerClient::new(self.channel(addr)?)
             .max_decoding_message_size(batch::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(batch::MAX_MESSAGE_BYTES);
         match tokio::time::timeout(TAKE_TIMEOUT, client.take(request)).await {
             Ok(Ok(reply)) => Ok(reply.into_inner()),
-            Ok(Err(status)) => Err(format!("take at {addr}: {status}")),
-            Err(_) => Err(format!("take at {addr}: no answer within {TAKE_TIMEOUT:?}")),
+            Ok(Err(status)) => Err(TakeError::Refused(addr.to_owned(), status)),
+            Err(_) => Err(TakeError::Timeout(addr.to_owned(), TAKE_TIMEOUT)),
         }
     }
 }
