@@ -7,7 +7,7 @@
 //! their connection. Everything that needs a decision (a join to send elsewhere, a move to
 //! start, a request refused, the stream lost) goes to the driver as a [`LinkEvent`].
 
-use super::Rings;
+use super::rings::Rings;
 use super::directory::LinkEvent;
 use super::request::{Join, Move, Pending, replay_is_complete};
 use crate::conn::{ChannelEvent, Replayed};
