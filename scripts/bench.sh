@@ -23,7 +23,9 @@
 #          time, an evenly paced publisher sending one publish per frame
 #   epoll  the fastest client: reader threads with epoll, publishes in 1 ms bursts
 #
-# Everything runs on this machine, on loopback; the generator stops by itself. Fan-out and
+# Everything runs on this machine, on loopback; the generator stops by itself. Gateways run
+# with GATEWAY_CLIENT_RATE=0: one publisher connection sends up to thousands of messages a
+# second, past the default per-socket frame rate; everything else is the defaults. Fan-out and
 # topics figures: deliveries/s of the highest ramp step (rates x1.5) with zero loss and p99
 # within the bound. The ratios are the headline: absolute figures swing by 2-3x from one
 # hour to the next on a shared VM.
@@ -86,7 +88,8 @@ start() {
       ;;
     embedded)
       p=$(free_port)
-      env $(threads) GATEWAY_ID=gw-embedded GATEWAY_LISTEN="127.0.0.1:$p" GATEWAY_MAX_CONNECTIONS=19000 \
+      env $(threads) GATEWAY_ID=gw-embedded GATEWAY_LISTEN="127.0.0.1:$p" GATEWAY_ADMIN_LISTEN="127.0.0.1:$(free_port)" \
+        GATEWAY_MAX_CONNECTIONS=19000 GATEWAY_CLIENT_RATE=0 \
         "$bin/gateway" 2>>"$out/gateway.log" &
       pids+=($!); names+=("gateway (embedded)")
       wait_port "$p"
@@ -99,15 +102,18 @@ start() {
         printf '[[nodes]]\nid = "ts-%d"\naddr = "127.0.0.1:%d"\n' "$i" "${ts_ports[-1]}" >>"$ring"
       done
       for i in 1 2; do
-        env $(threads) TOPIC_SERVER_ID=ts-$i TOPIC_SERVER_LISTEN=127.0.0.1:${ts_ports[$((i - 1))]} RING_CONFIG=$ring \
+        local admin; admin=$(free_port)
+        env $(threads) TOPIC_SERVER_ID=ts-$i TOPIC_SERVER_LISTEN=127.0.0.1:${ts_ports[$((i - 1))]} \
+          TOPIC_SERVER_ADMIN_LISTEN=127.0.0.1:$admin RING_CONFIG=$ring \
           "$bin/topic-server" 2>>"$out/topic-server.log" &
         pids+=($!); names+=("topic-server ts-$i"); watch+="${watch:+,}ts-$i=$!"
-        ts_status+=("http://127.0.0.1:${ts_ports[$((i - 1))]}/status")
+        ts_status+=("http://127.0.0.1:$admin/status")
       done
       if [ "$kind" != cluster ]; then n=2; fi
       for i in $(seq "$n"); do
         gw_ports+=("$(free_port)")
-        env $(threads) GATEWAY_ID=gw-$i GATEWAY_LISTEN=127.0.0.1:${gw_ports[-1]} RING_CONFIG=$ring GATEWAY_MAX_CONNECTIONS=19000 \
+        env $(threads) GATEWAY_ID=gw-$i GATEWAY_LISTEN=127.0.0.1:${gw_ports[-1]} GATEWAY_ADMIN_LISTEN="127.0.0.1:$(free_port)" \
+          RING_CONFIG=$ring GATEWAY_MAX_CONNECTIONS=19000 GATEWAY_CLIENT_RATE=0 \
           "$bin/gateway" 2>>"$out/gateway.log" &
         pids+=($!); names+=("gateway gw-$i"); watch+=",gw-$i=$!"
         url+="${url:+,}ws://127.0.0.1:${gw_ports[-1]}"

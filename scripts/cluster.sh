@@ -4,6 +4,8 @@
 #
 #   GATEWAY_PORTS=4000,4001        gateway ports (one gateway per port)
 #   TOPIC_SERVER_PORTS=7001,7002   topic-server ports (one topic server per port)
+#   GATEWAY_ADMIN_PORTS=...        the gateways' admin ports (/status, /ring; default: each port + 100)
+#   TOPIC_SERVER_ADMIN_PORTS=...   the topic servers' admin ports (/status; default: each port + 100)
 #   RING_FILE=target/cluster/ring.toml   the ring config the processes share (edit it to rebalance)
 #   RINGCAST_BIN_DIR=...           use these binaries instead of building target/release
 #   RUST_LOG=info                  log level of every process
@@ -29,6 +31,11 @@ ports() { # name value array: validates a port list into the named array
 }
 ports GATEWAY_PORTS "$GATEWAY_PORTS" gateway_ports
 ports TOPIC_SERVER_PORTS "$TOPIC_SERVER_PORTS" topic_ports
+plus100() { local p out=(); for p in "$@"; do out+=($((p + 100))); done; local IFS=,; echo "${out[*]}"; }
+ports GATEWAY_ADMIN_PORTS "${GATEWAY_ADMIN_PORTS:-$(plus100 "${gateway_ports[@]}")}" gateway_admin_ports
+ports TOPIC_SERVER_ADMIN_PORTS "${TOPIC_SERVER_ADMIN_PORTS:-$(plus100 "${topic_ports[@]}")}" topic_admin_ports
+[ ${#gateway_admin_ports[@]} -eq ${#gateway_ports[@]} ] || { echo "cluster.sh: GATEWAY_ADMIN_PORTS needs one port per gateway" >&2; exit 2; }
+[ ${#topic_admin_ports[@]} -eq ${#topic_ports[@]} ] || { echo "cluster.sh: TOPIC_SERVER_ADMIN_PORTS needs one port per topic server" >&2; exit 2; }
 
 if [ -n "${RINGCAST_BIN_DIR:-}" ]; then
   bin=$RINGCAST_BIN_DIR
@@ -57,12 +64,14 @@ trap 'stop; exit 0' INT TERM
 trap stop EXIT
 
 for i in "${!topic_ports[@]}"; do
-  TOPIC_SERVER_ID="ts-$((i + 1))" TOPIC_SERVER_LISTEN="127.0.0.1:${topic_ports[$i]}" RING_CONFIG="$RING_FILE" \
+  TOPIC_SERVER_ID="ts-$((i + 1))" TOPIC_SERVER_LISTEN="127.0.0.1:${topic_ports[$i]}" \
+    TOPIC_SERVER_ADMIN_LISTEN="127.0.0.1:${topic_admin_ports[$i]}" RING_CONFIG="$RING_FILE" \
     "$bin/topic-server" &
   pids+=($!)
 done
 for i in "${!gateway_ports[@]}"; do
-  GATEWAY_ID="gw-$((i + 1))" GATEWAY_LISTEN="127.0.0.1:${gateway_ports[$i]}" RING_CONFIG="$RING_FILE" \
+  GATEWAY_ID="gw-$((i + 1))" GATEWAY_LISTEN="127.0.0.1:${gateway_ports[$i]}" \
+    GATEWAY_ADMIN_LISTEN="127.0.0.1:${gateway_admin_ports[$i]}" RING_CONFIG="$RING_FILE" \
     "$bin/gateway" &
   pids+=($!)
 done
@@ -92,12 +101,12 @@ wait_links() {
   return 1
 }
 for port in "${topic_ports[@]}" "${gateway_ports[@]}"; do wait_port "$port"; done
-for port in "${gateway_ports[@]}"; do wait_links "$port"; done
+for port in "${gateway_admin_ports[@]}"; do wait_links "$port"; done
 
 echo
 echo "ringcast cluster is up (ring: $RING_FILE)"
-for port in "${topic_ports[@]}"; do echo "  topic server  http://127.0.0.1:$port/status"; done
-for port in "${gateway_ports[@]}"; do echo "  gateway       ws://127.0.0.1:$port/socket/websocket?vsn=2.0.0   (status: http://127.0.0.1:$port/status)"; done
+for i in "${!topic_ports[@]}"; do echo "  topic server  127.0.0.1:${topic_ports[$i]}   (status: http://127.0.0.1:${topic_admin_ports[$i]}/status)"; done
+for i in "${!gateway_ports[@]}"; do echo "  gateway       ws://127.0.0.1:${gateway_ports[$i]}/socket/websocket?vsn=2.0.0   (status: http://127.0.0.1:${gateway_admin_ports[$i]}/status)"; done
 echo "Ctrl-C stops the cluster."
 echo "READY"
 

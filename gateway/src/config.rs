@@ -37,12 +37,43 @@ pub struct Config {
     pub link_threads: usize,
     /// Time given to connections to close at shutdown.
     pub shutdown_grace: Duration,
-    /// Malformed frames tolerated per 10 s before the socket is closed (1008).
+    /// Refused frames (malformed, answered with an error, or over the rate) tolerated per
+    /// 10 s before the socket is closed (1008).
     pub max_malformed: u32,
+    /// A socket with frames waiting that has taken none of them for this long is closed
+    /// (1013), whatever else it does.
+    pub write_timeout: Duration,
+    /// Bytes queued for one socket and not yet written, at most; more closes it (1013).
+    pub max_outbound_bytes: usize,
+    /// Client frames per second a socket may send (sustained), and in a burst; 0: no limit.
+    pub client_rate: Rate,
+    /// Joins (and rejoins) and leaves per second a socket may send, and in a burst.
+    pub join_rate: Rate,
+    /// Longest topic name, in bytes.
+    pub max_topic_bytes: usize,
+    /// The admin listener: `/status`, `/ring` (loopback by default).
+    pub admin_listen: SocketAddr,
+    /// Connections accepted that have not become websockets yet, at most.
+    pub max_pending_http: usize,
+    /// Time an HTTP connection gets to send its request (and be upgraded).
+    pub http_timeout: Duration,
+    /// Open connections per client IP address at most (0: no limit).
+    pub max_connections_per_ip: usize,
 }
 
+/// A token bucket's settings: `per_sec` sustained, `burst` at once (`per_sec` 0: unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_sec: u32,
+    pub burst: u32,
+}
+
+/// Longest event name a client may publish, in bytes.
+pub const MAX_EVENT_BYTES: usize = 128;
+
 impl Config {
-    /// A config with every default: embedded mode unless a ring is set.
+    /// A config with every default: embedded mode unless a ring is set; the admin listener on
+    /// an ephemeral loopback port.
     pub fn new(gateway_id: impl Into<String>, ring: Option<(Ring, RingSource)>) -> Self {
         Config {
             gateway_id: gateway_id.into(),
@@ -58,6 +89,21 @@ impl Config {
             link_threads: 0,
             shutdown_grace: Duration::from_secs(5),
             max_malformed: 100,
+            write_timeout: Duration::from_secs(10),
+            max_outbound_bytes: 8 << 20,
+            client_rate: Rate {
+                per_sec: 1000,
+                burst: 2000,
+            },
+            join_rate: Rate {
+                per_sec: 50,
+                burst: 200,
+            },
+            max_topic_bytes: 256,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_pending_http: 1024,
+            http_timeout: Duration::from_secs(10),
+            max_connections_per_ip: 0,
         }
     }
 
@@ -127,6 +173,60 @@ struct Cli {
     /// run with the connections).
     #[arg(long, env = "GATEWAY_LINK_THREADS", value_name = "GATEWAY_LINK_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
     link_threads: u16,
+    /// Address of the admin listener (`/status`, `/ring`); default: loopback, the websocket
+    /// port + 100.
+    #[arg(
+        long,
+        env = "GATEWAY_ADMIN_LISTEN",
+        value_name = "GATEWAY_ADMIN_LISTEN"
+    )]
+    admin_listen: Option<SocketAddr>,
+    /// Seconds a socket with frames waiting may take none of them before it is closed (1013).
+    #[arg(long, env = "GATEWAY_WRITE_TIMEOUT_SECS", value_name = "GATEWAY_WRITE_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    write_timeout_secs: u64,
+    /// Bytes queued for one socket and not yet written, at most (more: close 1013).
+    #[arg(long, env = "GATEWAY_MAX_OUTBOUND_BYTES", value_name = "GATEWAY_MAX_OUTBOUND_BYTES", default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(65_536..=1 << 32))]
+    max_outbound_bytes: u64,
+    /// Client frames per second a socket may send, sustained (0: no limit).
+    #[arg(
+        long,
+        env = "GATEWAY_CLIENT_RATE",
+        value_name = "GATEWAY_CLIENT_RATE",
+        default_value_t = 1000
+    )]
+    client_rate: u32,
+    /// Client frames a socket may send in a burst.
+    #[arg(long, env = "GATEWAY_CLIENT_BURST", value_name = "GATEWAY_CLIENT_BURST", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    client_burst: u32,
+    /// Joins and leaves per second a socket may send, sustained (0: no limit).
+    #[arg(
+        long,
+        env = "GATEWAY_JOIN_RATE",
+        value_name = "GATEWAY_JOIN_RATE",
+        default_value_t = 50
+    )]
+    join_rate: u32,
+    /// Joins and leaves a socket may send in a burst (phoenix.js rejoins every channel at once
+    /// after a reconnect: keep it above GATEWAY_MAX_CHANNELS).
+    #[arg(long, env = "GATEWAY_JOIN_BURST", value_name = "GATEWAY_JOIN_BURST", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    join_burst: u32,
+    /// Longest topic name in bytes.
+    #[arg(long, env = "GATEWAY_MAX_TOPIC_BYTES", value_name = "GATEWAY_MAX_TOPIC_BYTES", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    max_topic_bytes: u32,
+    /// Connections accepted that have not become websockets yet, at most (more are closed).
+    #[arg(long, env = "GATEWAY_MAX_PENDING_HTTP", value_name = "GATEWAY_MAX_PENDING_HTTP", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_pending_http: u32,
+    /// Seconds an HTTP connection gets to send its request and be upgraded.
+    #[arg(long, env = "GATEWAY_HTTP_TIMEOUT_SECS", value_name = "GATEWAY_HTTP_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    http_timeout_secs: u64,
+    /// Open connections per client IP address at most (0: no limit).
+    #[arg(
+        long,
+        env = "GATEWAY_MAX_CONNECTIONS_PER_IP",
+        value_name = "GATEWAY_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 0
+    )]
+    max_connections_per_ip: u32,
 }
 
 impl Cli {
@@ -149,6 +249,34 @@ impl Cli {
         config.idle_timeout = Duration::from_secs(self.idle_timeout_secs);
         config.keepalive = Duration::from_secs(self.keepalive_secs);
         config.link_threads = self.link_threads.into();
+        config.admin_listen = match self.admin_listen {
+            Some(addr) => addr,
+            None => {
+                let port = self
+                    .listen
+                    .port()
+                    .checked_add(100)
+                    .filter(|_| self.listen.port() != 0);
+                let port = port.ok_or(
+                    "GATEWAY_ADMIN_LISTEN: set it (the default is the GATEWAY_LISTEN port + 100)",
+                )?;
+                SocketAddr::from(([127, 0, 0, 1], port))
+            }
+        };
+        config.write_timeout = Duration::from_secs(self.write_timeout_secs);
+        config.max_outbound_bytes = self.max_outbound_bytes as usize;
+        config.client_rate = Rate {
+            per_sec: self.client_rate,
+            burst: self.client_burst,
+        };
+        config.join_rate = Rate {
+            per_sec: self.join_rate,
+            burst: self.join_burst,
+        };
+        config.max_topic_bytes = self.max_topic_bytes as usize;
+        config.max_pending_http = self.max_pending_http as usize;
+        config.http_timeout = Duration::from_secs(self.http_timeout_secs);
+        config.max_connections_per_ip = self.max_connections_per_ip as usize;
         if let Some(topics) = self.topics {
             config.topic_patterns = topics
                 .split(',')

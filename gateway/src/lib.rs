@@ -4,22 +4,26 @@
 //! the gateway writes; `session` runs one connection; `conn` is its inbox; `index` is the
 //! local `topic -> subscribers` fan-out and `feed` the frames each subscriber reads.
 //! Cluster side (`cluster`): the directory of decisions (pure), the links to topic servers,
-//! the driver task that owns the directory. `server` puts it all on the network; `config`
+//! the driver task that owns the directory. `server` puts it all on the network: `http` the
+//! public listener, `admin` the admin one; `limits` is what one client may cost; `config`
 //! reads the environment.
 
+pub mod admin;
 pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod conn;
 pub mod feed;
+pub mod http;
 pub mod index;
+pub mod limits;
 pub mod metrics;
 pub mod server;
 pub mod session;
 pub mod ws;
 
 pub use config::Config;
-pub use server::run;
+pub use server::{Listeners, run};
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -41,4 +45,6 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
     /// Open connections, cut (1012) at shutdown.
     pub conns: conn::Registry,
+    /// How often security events (clients closed for what they did) are logged.
+    pub security_log: limits::LogLimit,
 }

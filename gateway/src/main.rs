@@ -1,6 +1,6 @@
 //! `gateway`: parse the environment, install tracing, serve until Ctrl-C or SIGTERM.
 
-use ringcast_gateway::{Config, run};
+use ringcast_gateway::{Config, Listeners, run};
 use ringcast_topic_server::process;
 use std::process::ExitCode;
 
@@ -15,14 +15,23 @@ async fn main() -> ExitCode {
         }
     };
     check_file_limit(config.max_connections);
-    let listener = match tokio::net::TcpListener::bind(listen).await {
+    let public = match tokio::net::TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("gateway: GATEWAY_LISTEN {listen}: cannot listen: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match run(listener, config, process::shutdown_on_signal()).await {
+    let admin = match tokio::net::TcpListener::bind(config.admin_listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            let addr = config.admin_listen;
+            eprintln!("gateway: GATEWAY_ADMIN_LISTEN {addr}: cannot listen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listeners = Listeners { public, admin };
+    match run(listeners, config, process::shutdown_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gateway: {e:#}");

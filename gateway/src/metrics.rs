@@ -15,6 +15,15 @@ pub struct Metrics {
     /// Delivery frames encoded (once per distinct join_ref per message).
     pub encodes: AtomicU64,
     pub malformed_frames: AtomicU64,
+    /// Client frames refused with an error reply (malformed ones included) or dropped.
+    pub refused_frames: AtomicU64,
+    /// Client frames over the socket's frame or join rate.
+    pub rate_limited: AtomicU64,
+    /// Client messages over `GATEWAY_MAX_FRAME_BYTES` (the socket was closed, 1009).
+    pub oversized_frames: AtomicU64,
+    /// Connections closed before they became websockets: too many pending, too many from
+    /// one address, or no request in time.
+    pub refused_connections: AtomicU64,
     pub slow_consumers: AtomicU64,
     pub interrupted_channels: AtomicU64,
     /// Gaps detected in a topic's stream (an offset jump or a new epoch).

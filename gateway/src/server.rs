@@ -1,27 +1,26 @@
-//! The gateway process: the websocket endpoint, the status endpoint, upstream links and
-//! orderly shutdown.
+//! The gateway process: the public listener (websockets, a health check), the admin
+//! listener, the cluster side, and orderly shutdown.
 //!
-//! `run` is what the binary and the tests call. axum does not track upgraded websockets in
-//! graceful shutdown, so the gateway tracks its own connections and closes them with 1012.
+//! `run` is what the binary and the tests call. Upgraded websockets are tracked here, and
+//! closed with 1012 at shutdown.
 
-use crate::cluster::directory::EMBEDDED_NODE;
 use crate::cluster::driver::Driver;
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::codec::Vsn;
 use crate::config::Config;
+use crate::http::ClientConn;
 use crate::index::LocalIndex;
 use crate::metrics::Metrics;
-use crate::{Gateway, session, ws};
+use crate::{Gateway, admin, http, session, ws};
+use axum::Router;
 use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use ringcast_ring::watcher;
 use ringcast_topic_server::{Ownership, ServiceLimits, TopicService};
-use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -39,13 +38,36 @@ struct AppState {
     tracker: TaskTracker,
 }
 
+/// The gateway's listeners: bound by the caller (the binary, or a test on port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    /// Websockets (`/socket/websocket`) and `/health`: `GATEWAY_LISTEN`.
+    pub public: TcpListener,
+    /// `/status`, `/ring`: `GATEWAY_ADMIN_LISTEN`.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both on ephemeral loopback ports (tests, embedding).
+    pub async fn loopback() -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            public: TcpListener::bind("127.0.0.1:0").await?,
+            admin: TcpListener::bind("127.0.0.1:0").await?,
+        })
+    }
+}
+
 /// Serves until `shutdown` is cancelled, then closes every connection (1012) within the
 /// configured grace period.
 pub async fn run(
-    listener: TcpListener,
+    listeners: Listeners,
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Listeners {
+        public: listener,
+        admin: admin_listener,
+    } = listeners;
     // Connections; the links and the driver; the embedded core and the small tasks: each
     // group stops in turn at shutdown.
     let tracker = TaskTracker::new();
@@ -104,6 +126,7 @@ pub async fn run(
         next_conn: AtomicU64::new(1),
         shutdown: shutdown.clone(),
         conns: Default::default(),
+        security_log: crate::limits::LogLimit::new(10, 50),
     });
     {
         let gateway = gateway.clone();
@@ -114,6 +137,7 @@ pub async fn run(
     }
     tracing::info!(
         addr = %listener.local_addr()?,
+        admin = %admin_listener.local_addr()?,
         gateway = %gateway.config.gateway_id,
         mode = if gateway.config.ring.is_some() { "ring" } else { "embedded" },
         ring_version = gateway.cluster.version(),
@@ -127,23 +151,19 @@ pub async fn run(
     };
     let app = Router::new()
         .route("/socket/websocket", get(websocket))
-        .route("/status", get(status))
-        .route("/ring", get(ring_view))
+        .route("/health", get(|| async { "ok\n" }))
         .route(
             "/",
             get(|| async { "ringcast gateway: connect to /socket/websocket?vsn=2.0.0\n" }),
         )
         .with_state(state);
-    // Without TCP_NODELAY, Nagle's algorithm and the client's delayed ACKs hold small
-    // frames back for up to 40 ms.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await?;
+    let admin = axum::serve(admin_listener, admin::router(gateway.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let admin = tokio::spawn(async move { admin.await });
+    http::serve(listener, app, gateway.clone(), shutdown.clone()).await;
+    if let Ok(Err(e)) = admin.await {
+        tracing::warn!(error = %e, "admin listener failed");
+    }
 
     // Connections see `shutdown` and close with 1012; give them the grace period.
     tracker.close();
@@ -165,6 +185,9 @@ async fn websocket(
     Query(params): Query<HashMap<String, String>>,
     mut request: Request,
 ) -> Response {
+    let Some(client) = request.extensions().get::<ClientConn>().cloned() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
     let vsn = match Vsn::from_query(params.get("vsn").map(String::as_str)) {
         Ok(vsn) => vsn,
         Err(reason) => return (StatusCode::FORBIDDEN, reason).into_response(),
@@ -202,71 +225,12 @@ async fn websocket(
         let metrics = gateway.metrics.clone();
         metrics.connections.fetch_add(1, Relaxed);
         Metrics::inc(&metrics.connections_total);
-        session::serve(socket, vsn, gateway).await;
+        session::serve(socket, vsn, gateway, client.peer).await;
         metrics.connections.fetch_sub(1, Relaxed);
         drop(permit);
+        drop(client);
     }));
     handshake.response()
-}
-
-async fn status(State(state): State<AppState>) -> impl IntoResponse {
-    let g = &state.gateway;
-    let m = &g.metrics;
-    let links: Vec<_> = g
-        .cluster
-        .links()
-        .iter()
-        .map(|l| json!({ "node": &**l.node(), "addr": l.addr(), "connected": l.is_connected() }))
-        .collect();
-    Json(json!({
-        "gateway_id": g.config.gateway_id,
-        "mode": if g.config.ring.is_some() { "ring" } else { "embedded" },
-        "ring_version": g.cluster.version(),
-        "ring_refused": g.ring_watch.as_ref().and_then(|w| w.refused()),
-        "links": links,
-        "connections": m.connections.load(Relaxed),
-        "connections_total": m.connections_total.load(Relaxed),
-        "subscriptions": g.index.subscription_count(),
-        "topics": g.index.topic_count(),
-        "joins": m.joins.load(Relaxed),
-        "publishes": m.publishes.load(Relaxed),
-        "deliveries_in": m.deliveries_in.load(Relaxed),
-        "encodes": m.encodes.load(Relaxed),
-        "frames_out": m.frames_out.load(Relaxed),
-        "malformed_frames": m.malformed_frames.load(Relaxed),
-        "slow_consumers": m.slow_consumers.load(Relaxed),
-        "interrupted_channels": m.interrupted_channels.load(Relaxed),
-        "gaps": m.gaps.load(Relaxed),
-        "moves": m.moves.load(Relaxed),
-    }))
-}
-
-/// `GET /ring`: the ring in force, the links, and which local topics sit on which node.
-async fn ring_view(State(state): State<AppState>) -> impl IntoResponse {
-    let g = &state.gateway;
-    let links = g.cluster.links();
-    let (version, nodes) =
-        match g.cluster.ring() {
-            Some(ring) => {
-                let nodes: Vec<_> = ring
-                .nodes()
-                .iter()
-                .map(|n| {
-                    let connected = links.iter().any(|l| **l.node() == *n.id && l.is_connected());
-                    json!({"id": n.id, "addr": n.addr, "weight": n.weight, "connected": connected})
-                })
-                .collect();
-                (ring.version(), nodes)
-            }
-            None => (0, vec![json!({"id": EMBEDDED_NODE, "connected": true})]),
-        };
-    Json(json!({
-        "version": version,
-        "refused": g.ring_watch.as_ref().and_then(|w| w.refused()),
-        "nodes": nodes,
-        "topics": g.index.topics_by_node(),
-        "moving": g.cluster.moving(),
-    }))
 }
 
 /// Without a ring there is nothing to reload; SIGHUP (which would otherwise stop the process)

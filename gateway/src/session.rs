@@ -7,9 +7,11 @@
 use crate::Gateway;
 use crate::cluster::request::{Join, Publish};
 use crate::codec::{self, InFrame, Vsn};
+use crate::config::{MAX_EVENT_BYTES, Rate};
 use crate::conn::{ChannelEvent, ConnEvent, ConnHandle, Cut};
 use crate::feed::{Attached, Lagged, Reader};
 use crate::index::{GroupKey, Position};
+use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::ws::Outbox;
 use bytes::BytesMut;
@@ -20,6 +22,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -37,8 +40,11 @@ pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Inbox events handled per wake-up at most (then the socket is written).
 const INBOX_BATCH: usize = 256;
-/// Window over which malformed frames are counted.
-const MALFORMED_WINDOW: Duration = Duration::from_secs(10);
+/// Window over which refused frames are counted.
+const REFUSED_WINDOW: Duration = Duration::from_secs(10);
+/// Joins with a recovery position waiting for their owner at once, per socket: each may bring
+/// a whole topic log back.
+const MAX_RECOVERING: usize = 8;
 /// The inbox is polled first: a wake-up for a delivery takes it without touching the socket
 /// or the idle timer (their wakers stay registered from the last poll that reached them).
 /// After this many inbox turns in a row the idle timer and the socket are looked at first
@@ -141,11 +147,18 @@ pub struct Session {
     /// Publishes sent and not answered yet, by token; at most `GATEWAY_CLIENT_QUEUE`.
     publishes: HashMap<u64, PublishReply>,
     next_token: u64,
-    malformed: (Instant, u32),
+    /// Refused frames in the current window, from when.
+    refused: (Instant, u32),
+    /// More refused frames than allowed: the socket is closed (1008).
+    flooding: bool,
+    frames: TokenBucket,
+    joins: TokenBucket,
 }
 
 impl Session {
     pub fn new(vsn: Vsn, conn: ConnHandle, gateway: Arc<Gateway>) -> Self {
+        let (frames, joins) = gateway_rate(&gateway);
+        let now = Instant::now();
         Session {
             vsn,
             conn,
@@ -153,38 +166,70 @@ impl Session {
             channels: HashMap::new(),
             publishes: HashMap::new(),
             next_token: 0,
-            malformed: (Instant::now(), 0),
+            refused: (Instant::now(), 0),
+            flooding: false,
+            frames: TokenBucket::new(frames, now),
+            joins: TokenBucket::new(joins, now),
         }
     }
 
-    /// Handles one client text frame. Returns true when the client is flooding malformed
-    /// frames and must be closed.
-    pub fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> bool {
-        match codec::decode(self.vsn, text) {
-            Ok(frame) => {
-                self.on_frame(frame, out);
-                false
-            }
+    /// Handles one client text frame received at `now`. A client that sends too many
+    /// frames that are refused is then [`Session::flooding`].
+    pub fn on_text(&mut self, text: &str, now: Instant, out: &mut Vec<String>) {
+        let frame = match codec::decode(self.vsn, text) {
+            Ok(frame) => frame,
             Err(malformed) => {
                 if let Some(reply) = codec::malformed_reply(self.vsn, &malformed) {
                     out.push(reply);
                 }
-                self.count_malformed()
+                return self.count_malformed(now);
             }
+        };
+        if !self.frames.take(now) {
+            Metrics::inc(&self.gateway.metrics.rate_limited);
+            return self.refuse(&frame, "rate limited", now, out);
         }
+        if frame.topic.len() > self.gateway.config.max_topic_bytes {
+            return self.refuse(&frame, "topic name too long", now, out);
+        }
+        self.on_frame(frame, now, out);
     }
 
-    /// Counts a frame that could not be used; true when over the flood limit.
-    pub fn count_malformed(&mut self) -> bool {
+    /// Whether the client sent more refused frames than allowed (close it: 1008).
+    pub fn flooding(&self) -> bool {
+        self.flooding
+    }
+
+    /// Counts a frame that could not be read at all.
+    pub fn count_malformed(&mut self, now: Instant) {
         Metrics::inc(&self.gateway.metrics.malformed_frames);
-        let now = Instant::now();
-        if now.duration_since(self.malformed.0) > MALFORMED_WINDOW {
-            self.malformed = (now, 0);
-        }
-        self.malformed.1 += 1;
-        self.malformed.1 > self.gateway.config.max_malformed
+        self.count_refused(now);
     }
 
+    /// Counts a refused frame against the flood limit.
+    fn count_refused(&mut self, now: Instant) {
+        Metrics::inc(&self.gateway.metrics.refused_frames);
+        if now.duration_since(self.refused.0) > REFUSED_WINDOW {
+            self.refused = (now, 0);
+        }
+        self.refused.1 += 1;
+        if self.refused.1 > self.gateway.config.max_malformed {
+            self.flooding = true;
+        }
+    }
+
+    /// Refuses a frame the client should not have sent: an error reply, counted.
+    fn refuse(&mut self, f: &InFrame<'_>, reason: &str, now: Instant, out: &mut Vec<String>) {
+        let join_ref = if reason == "unmatched topic" {
+            None
+        } else {
+            f.join_ref
+        };
+        self.reply_error(join_ref, f.msg_ref, &f.topic, reason, out);
+        self.count_refused(now);
+    }
+
+    /// An error reply that is not the client's fault (`unavailable`): not counted.
     fn reply_error(
         &self,
         join_ref: Option<&str>,
@@ -198,33 +243,31 @@ impl Session {
         ));
     }
 
-    fn on_frame(&mut self, f: InFrame<'_>, out: &mut Vec<String>) {
+    fn on_frame(&mut self, f: InFrame<'_>, now: Instant, out: &mut Vec<String>) {
         match (f.topic.as_str(), f.event.as_str()) {
             // As Phoenix: the reply's join_ref is null, whatever the heartbeat carried.
             ("phoenix", "heartbeat") => out.push(codec::reply(
                 self.vsn, None, f.msg_ref, "phoenix", "ok", "{}",
             )),
-            (_, "phx_join") => self.join(f, out),
-            (_, "phx_leave") => self.leave(f, out),
-            _ => self.push(f, out),
+            (_, "phx_join" | "phx_leave") if !self.joins.take(now) => {
+                Metrics::inc(&self.gateway.metrics.rate_limited);
+                self.refuse(&f, "rate limited", now, out)
+            }
+            (_, "phx_join") => self.join(f, now, out),
+            (_, "phx_leave") => self.leave(f, now, out),
+            _ => self.push(f, now, out),
         }
     }
 
-    fn join(&mut self, f: InFrame<'_>, out: &mut Vec<String>) {
+    fn join(&mut self, f: InFrame<'_>, now: Instant, out: &mut Vec<String>) {
         let gateway = self.gateway.clone();
         let topic = f.topic.clone();
         if topic == "phoenix" || !gateway.config.topic_allowed(&topic) {
-            return self.reply_error(None, f.msg_ref, &topic, "unmatched topic", out);
+            return self.refuse(&f, "unmatched topic", now, out);
         }
         if !self.channels.contains_key(&topic) && self.channels.len() >= gateway.config.max_channels
         {
-            return self.reply_error(
-                f.join_ref,
-                f.msg_ref,
-                &topic,
-                "too many channels joined",
-                out,
-            );
+            return self.refuse(&f, "too many channels joined", now, out);
         }
         let sent = self.send_join(&f);
         // Only the newest earlier join is closed; anything it replaced goes now.
@@ -240,7 +283,11 @@ impl Session {
                 self.channels.insert(topic, channel);
             }
             Err(reason) => {
-                self.reply_error(f.join_ref, f.msg_ref, &topic, reason, out);
+                if reason == "unavailable" {
+                    self.reply_error(f.join_ref, f.msg_ref, &topic, reason, out);
+                } else {
+                    self.refuse(&f, reason, now, out);
+                }
                 // As when the owner refuses it: the earlier join is closed all the same.
                 if let Some(old) = old {
                     out.push(codec::close(self.vsn, old.join_ref.as_deref(), &topic));
@@ -256,6 +303,9 @@ impl Session {
         let gateway = &self.gateway;
         let topic = &f.topic;
         let recover = parse_recover(f.payload)?;
+        if recover.is_some() && self.recovering() >= MAX_RECOVERING {
+            return Err("too many recoveries at once");
+        }
         let sub = gateway.next_sub.fetch_add(1, Relaxed);
         let join_ref: Option<Arc<str>> = f.join_ref.map(Arc::from);
         let join = Join {
@@ -281,9 +331,25 @@ impl Session {
         })
     }
 
-    fn leave(&mut self, f: InFrame<'_>, out: &mut Vec<String>) {
+    /// Joins with a recovery position still waiting for their owner.
+    fn recovering(&self) -> usize {
+        self.channels
+            .values()
+            .filter(|c| {
+                matches!(
+                    c.state,
+                    ChannelState::Joining {
+                        recover: Some(_),
+                        ..
+                    }
+                )
+            })
+            .count()
+    }
+
+    fn leave(&mut self, f: InFrame<'_>, now: Instant, out: &mut Vec<String>) {
         let Some(channel) = self.channels.remove(&f.topic) else {
-            return self.reply_error(None, f.msg_ref, &f.topic, "unmatched topic", out);
+            return self.refuse(&f, "unmatched topic", now, out);
         };
         out.push(codec::reply(
             self.vsn, f.join_ref, f.msg_ref, &f.topic, "ok", "{}",
@@ -299,40 +365,19 @@ impl Session {
         }
     }
 
-    fn push(&mut self, f: InFrame<'_>, out: &mut Vec<String>) {
+    fn push(&mut self, f: InFrame<'_>, now: Instant, out: &mut Vec<String>) {
         // A join on its way counts: as in Phoenix, which answers a join before it reads the
         // next frame, a push right behind a join is taken (it follows the join to the owner).
         if !self.channels.contains_key(&f.topic) {
-            return self.reply_error(None, f.msg_ref, &f.topic, "unmatched topic", out);
+            return self.refuse(&f, "unmatched topic", now, out);
         };
-        let (event, payload) = if f.event == "publish" {
-            match serde_json::from_str::<(String, &RawValue)>(f.payload) {
-                Ok((event, payload)) => (event, payload.get()),
-                Err(_) => {
-                    return self.reply_error(
-                        f.join_ref,
-                        f.msg_ref,
-                        &f.topic,
-                        "publish payload must be [event, payload]",
-                        out,
-                    );
-                }
-            }
-        } else {
-            (f.event.clone(), f.payload)
+        let (event, payload) = match broadcast_of(&f.event, f.payload) {
+            Ok(parts) => parts,
+            Err(reason) => return self.refuse(&f, reason, now, out),
         };
-        if reserved_event(&event) {
-            return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unsupported event", out);
-        }
         // Every answer must fit the connection's inbox with room to spare.
         if self.publishes.len() >= self.gateway.config.client_queue / 2 {
-            return self.reply_error(
-                f.join_ref,
-                f.msg_ref,
-                &f.topic,
-                "too many publishes in flight",
-                out,
-            );
+            return self.refuse(&f, "too many publishes in flight", now, out);
         }
         // To the topic's owner under the ring in force (which orders it).
         let token = self.next_token;
@@ -538,8 +583,35 @@ impl Session {
     }
 }
 
+/// What a client's push broadcasts: `publish` with `[event, payload]` broadcasts `event`,
+/// any other event itself with the frame's payload. Refused (with the reason to answer):
+/// a `publish` payload of another shape, Phoenix's control and reply events, event names
+/// over [`MAX_EVENT_BYTES`].
+pub fn broadcast_of<'a>(event: &str, payload: &'a str) -> Result<(String, &'a str), &'static str> {
+    let (event, payload) = if event == "publish" {
+        match serde_json::from_str::<(String, &RawValue)>(payload) {
+            Ok((event, payload)) => (event, payload.get()),
+            Err(_) => return Err("publish payload must be [event, payload]"),
+        }
+    } else {
+        (event.to_owned(), payload)
+    };
+    if reserved_event(&event) {
+        return Err("unsupported event");
+    }
+    if event.len() > MAX_EVENT_BYTES {
+        return Err("event name too long");
+    }
+    Ok((event, payload))
+}
+
+/// The frame and join rates of a gateway's sockets.
+fn gateway_rate(gateway: &Gateway) -> (Rate, Rate) {
+    (gateway.config.client_rate, gateway.config.join_rate)
+}
+
 /// Reads `{"recover": {"epoch": "<hex>", "offset": N}}` from a join payload.
-fn parse_recover(payload: &str) -> Result<Option<Position>, &'static str> {
+pub fn parse_recover(payload: &str) -> Result<Option<Position>, &'static str> {
     #[derive(serde::Deserialize)]
     struct Recover {
         epoch: String,
@@ -567,7 +639,7 @@ fn parse_recover(payload: &str) -> Result<Option<Position>, &'static str> {
 }
 
 /// Runs one websocket connection until the client leaves, is cut, or the gateway stops.
-pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
+pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>, peer: SocketAddr) {
     let id = gateway.next_conn.fetch_add(1, Relaxed);
     let (conn, mut inbox) = ConnHandle::new(id, gateway.config.client_queue);
     gateway.conns.register(&conn);
@@ -587,10 +659,11 @@ pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
         task: AtomicWaker::new(),
     });
     let read_waker = Waker::from(interest.clone());
+    let metrics = &gateway.metrics;
 
     let close: Option<(u16, &'static str)> = loop {
         if let Some(reason) = conn.cut_reason() {
-            break Some(close_for(reason, &gateway.metrics));
+            break Some(close_for(reason, metrics));
         }
         let mut step = None;
         if inbox_turns >= INBOX_TURNS {
@@ -617,20 +690,20 @@ pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
             Step::Inbox => inbox_turns += 1,
             Step::Idle => break Some((close::GOING_AWAY, "idle timeout")),
             Step::Read(message) => {
-                idle.as_mut().reset(Instant::now() + idle_timeout);
-                let flood = match message {
-                    Some(Ok(Message::Text(text))) => session.on_text(text.as_str(), &mut replies),
-                    Some(Ok(Message::Binary(_))) => session.count_malformed(),
-                    Some(Ok(Message::Ping(_))) => {
-                        pong_queued = true;
-                        false
+                let now = Instant::now();
+                idle.as_mut().reset(now + idle_timeout);
+                match message {
+                    Some(Ok(Message::Text(text))) => {
+                        session.on_text(text.as_str(), now, &mut replies)
                     }
-                    Some(Ok(Message::Pong(_) | Message::Frame(_))) => false,
+                    Some(Ok(Message::Binary(_))) => session.count_malformed(now),
+                    Some(Ok(Message::Ping(_))) => pong_queued = true,
+                    Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
                     Some(Ok(Message::Close(_))) | None => break None,
-                    Some(Err(e)) => break read_error(e),
+                    Some(Err(e)) => break read_error(e, metrics),
                 };
-                if flood {
-                    break Some((close::POLICY, "too many malformed frames"));
+                if session.flooding() {
+                    break Some((close::POLICY, "too many refused frames"));
                 }
                 for reply in replies.drain(..) {
                     out.push_text(reply);
@@ -643,13 +716,23 @@ pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
         if out.is_empty() {
             continue;
         }
+        if out.len() > gateway.config.max_outbound_bytes {
+            // Queued faster than the client takes it: replies, replays and deliveries alike.
+            Metrics::inc(&metrics.slow_consumers);
+            break Some((close::TRY_AGAIN_LATER, "slow consumer"));
+        }
         let written = tokio::select! {
             biased;
-            written = write_out(&mut socket, &mut out, &mut pong_queued) => written,
-            reason = conn.cut_requested() => break Some(close_for(reason, &gateway.metrics)),
+            written = write_out(&mut socket, &mut out, &mut pong_queued, gateway.config.write_timeout) => written,
+            reason = conn.cut_requested() => break Some(close_for(reason, metrics)),
         };
-        if written.is_err() {
-            break None;
+        match written {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                Metrics::inc(&metrics.slow_consumers);
+                break Some((close::TRY_AGAIN_LATER, "write timeout"));
+            }
+            Err(_) => break None,
         }
     };
 
@@ -659,31 +742,79 @@ pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>) {
     gateway.conns.deregister(id);
     session.release_all();
     if let Some((code, reason)) = close {
-        tracing::debug!(conn = id, code, reason, "closing connection");
+        if code != close::RESTART && code != close::GOING_AWAY {
+            security_event(&gateway, peer, code, reason);
+        } else {
+            tracing::debug!(conn = id, %peer, code, reason, "closing connection");
+        }
         let frame = Message::Close(Some(CloseFrame {
             code: code.into(),
             reason: reason.into(),
         }));
-        // What was queued goes first (a frame cut in the middle must be finished anyway).
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            write_out(&mut socket, &mut out, &mut pong_queued).await?;
+        // What was queued goes first (a frame cut in the middle must be finished anyway);
+        // then the close frame, and the client's data is read and dropped until it closes
+        // too, so that our close is not overtaken by a reset (RFC 6455, 7.1.1).
+        let _ = tokio::time::timeout(CLOSE_WRITE, async {
+            write_out(&mut socket, &mut out, &mut pong_queued, CLOSE_WRITE).await?;
             socket.send(frame).await.map_err(std::io::Error::other)
         })
         .await;
+        let _ = tokio::time::timeout(CLOSE_DRAIN, drain_reads(socket.get_mut())).await;
+    }
+}
+
+/// Time given to what was queued and the close frame when the gateway closes a socket.
+const CLOSE_WRITE: Duration = Duration::from_secs(1);
+/// Time given to the client to read the close frame and close too.
+const CLOSE_DRAIN: Duration = Duration::from_secs(2);
+
+/// Reads and drops whatever the client still sends, up to 16 MiB, until it closes.
+async fn drain_reads(io: &mut TokioIo<Upgraded>) {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0u8; 8192];
+    let mut left = 16usize << 20;
+    while left > 0 {
+        match io.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
+/// Logs a socket closed for its own behaviour, with its address, at most a few times a
+/// second (floods of bad clients cannot fill the disk); the counters count every one.
+fn security_event(gateway: &Gateway, peer: SocketAddr, code: u16, reason: &str) {
+    if let Some(suppressed) = gateway.security_log.allow(Instant::now()) {
+        tracing::warn!(%peer, code, reason, suppressed, "closing a client connection");
     }
 }
 
 /// Writes the outbox, after anything tungstenite holds (a pong) so frames never interleave.
+/// Fails with `TimedOut` when the client has taken nothing for `timeout`.
 async fn write_out(
     socket: &mut Socket,
     out: &mut Outbox,
     pong_queued: &mut bool,
+    timeout: Duration,
 ) -> std::io::Result<()> {
+    let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
     if *pong_queued {
-        socket.flush().await.map_err(std::io::Error::other)?;
+        tokio::time::timeout(timeout, socket.flush())
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(std::io::Error::other)?;
         *pong_queued = false;
     }
-    poll_fn(|cx| out.poll_write(cx, Pin::new(socket.get_mut()))).await
+    loop {
+        let before = out.written();
+        let write = poll_fn(|cx| out.poll_write(cx, Pin::new(socket.get_mut())));
+        match tokio::time::timeout(timeout, write).await {
+            Ok(result) => return result,
+            // Some of it went: the client reads, slowly.
+            Err(_) if out.written() != before => continue,
+            Err(_) => return Err(timed_out()),
+        }
+    }
 }
 
 /// The close code and reason for a connection the gateway cuts.
@@ -699,9 +830,12 @@ fn close_for(cut: Cut, metrics: &Metrics) -> (u16, &'static str) {
 
 /// Maps a read error to a close: an oversized message gets 1009, a text frame that is not
 /// UTF-8 1007, a broken websocket frame 1002; a dropped connection just ends.
-fn read_error(e: WsError) -> Option<(u16, &'static str)> {
+fn read_error(e: WsError, metrics: &Metrics) -> Option<(u16, &'static str)> {
     match e {
-        WsError::Capacity(_) => Some((close::TOO_BIG, "message too big")),
+        WsError::Capacity(_) => {
+            Metrics::inc(&metrics.oversized_frames);
+            Some((close::TOO_BIG, "message too big"))
+        }
         WsError::Utf8(_) => Some((close::INVALID_DATA, "invalid utf-8")),
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
         WsError::Protocol(_) => Some((close::PROTOCOL, "protocol error")),

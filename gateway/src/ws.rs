@@ -146,11 +146,25 @@ pub struct Outbox {
     chunks: VecDeque<Bytes>,
     /// Bytes of the first chunk written already.
     written: usize,
+    /// Bytes queued and not written yet.
+    queued: usize,
+    /// Bytes written since the outbox was made.
+    total_written: u64,
 }
 
 impl Outbox {
     pub fn is_empty(&self) -> bool {
         self.chunks.is_empty()
+    }
+
+    /// Bytes queued and not written yet.
+    pub fn len(&self) -> usize {
+        self.queued
+    }
+
+    /// Bytes written so far, all writes together (to tell a slow reader from a stalled one).
+    pub fn written(&self) -> u64 {
+        self.total_written
     }
 
     pub fn push_text(&mut self, text: impl AsRef<str>) {
@@ -160,6 +174,7 @@ impl Outbox {
     /// Queues whole frames made by [`text_frame`] (one or several back to back).
     pub fn push(&mut self, frames: Bytes) {
         if !frames.is_empty() {
+            self.queued += frames.len();
             self.chunks.push_back(frames);
         }
     }
@@ -199,6 +214,8 @@ impl Outbox {
 
     /// Drops `n` written bytes from the front.
     fn advance(&mut self, mut n: usize) {
+        self.queued -= n;
+        self.total_written += n as u64;
         while let Some(chunk) = self.chunks.front() {
             let left = chunk.len() - self.written;
             if n < left {
@@ -300,11 +317,15 @@ mod tests {
                 }
                 expected.extend(run.iter().cloned());
             }
+            let queued = outbox.len();
             let mut writer = Trickle { out: Vec::new(), limit, calls: 0 };
             let waker = futures::task::noop_waker();
             let mut cx = Context::from_waker(&waker);
             while outbox.poll_write(&mut cx, Pin::new(&mut writer)).is_pending() {}
             prop_assert!(outbox.is_empty());
+            prop_assert_eq!(outbox.len(), 0);
+            prop_assert_eq!(outbox.written(), queued as u64);
+            prop_assert_eq!(writer.out.len(), queued);
             prop_assert_eq!(frame_texts(&writer.out), expected);
         }
     }

@@ -22,7 +22,10 @@ const ROUNDS: u64 = 40;
 struct InProcessCluster {
     ring_path: PathBuf,
     nodes: Vec<(String, SocketAddr)>,
-    gateways: Vec<SocketAddr>,
+    /// Each topic server's admin address.
+    node_admins: Vec<SocketAddr>,
+    /// Each gateway's public and admin address.
+    gateways: Vec<(SocketAddr, SocketAddr)>,
     stop: CancellationToken,
     tasks: TaskTracker,
     _dir: tempfile::TempDir,
@@ -62,36 +65,45 @@ impl InProcessCluster {
         let source = RingSource::File(ring_path.clone());
         let ring = source.load().unwrap();
         let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let mut node_admins = Vec::new();
         for (id, listener) in listeners {
             let mut config = ringcast_topic_server::Config::new(id, ring.clone(), source.clone());
             config.log.messages = 10_000;
+            let listeners = ringcast_topic_server::Listeners::with_loopback_admin(listener)
+                .await
+                .unwrap();
+            node_admins.push(listeners.admin.local_addr().unwrap());
             tasks.spawn(ringcast_topic_server::run(
-                listener,
+                listeners,
                 config,
                 stop.child_token(),
             ));
         }
         let mut gateways = Vec::new();
         for i in 0..2 {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            gateways.push(listener.local_addr().unwrap());
+            let listeners = ringcast_gateway::Listeners::loopback().await.unwrap();
+            gateways.push((
+                listeners.public.local_addr().unwrap(),
+                listeners.admin.local_addr().unwrap(),
+            ));
             let config = ringcast_gateway::Config::new(
                 format!("gw-{i}"),
                 Some((ring.clone(), source.clone())),
             );
-            tasks.spawn(ringcast_gateway::run(listener, config, stop.child_token()));
+            tasks.spawn(ringcast_gateway::run(listeners, config, stop.child_token()));
         }
         let cluster = InProcessCluster {
             ring_path,
             nodes,
+            node_admins,
             gateways,
             stop,
             tasks,
             _dir: dir,
         };
-        for gw in &cluster.gateways {
+        for (_, admin) in &cluster.gateways {
             eventually("links up", Duration::from_secs(10), || async {
-                let status = get(*gw, "/status").await?;
+                let status = get(*admin, "/status").await?;
                 let links = status["links"].as_array()?;
                 links.iter().all(|l| l["connected"] == true).then_some(())
             })
@@ -103,7 +115,7 @@ impl InProcessCluster {
     fn urls(&self) -> Vec<String> {
         self.gateways
             .iter()
-            .map(|a| format!("ws://{a}/socket/websocket?vsn=2.0.0"))
+            .map(|(a, _)| format!("ws://{a}/socket/websocket?vsn=2.0.0"))
             .collect()
     }
 
@@ -122,25 +134,25 @@ impl InProcessCluster {
     /// under way, and every topic server in the ring has read it.
     async fn settled(&self, ring: &Ring) {
         let version = ring.version();
-        for (id, addr) in &self.nodes {
+        for ((id, _), admin) in self.nodes.iter().zip(&self.node_admins) {
             if ring.node(id).is_some() {
                 eventually(
                     "topic server on the ring",
                     Duration::from_secs(20),
                     || async {
-                        let status = get(*addr, "/status").await?;
+                        let status = get(*admin, "/status").await?;
                         (status["ring_version"] == version).then_some(())
                     },
                 )
                 .await;
             }
         }
-        for gw in &self.gateways {
+        for (_, admin) in &self.gateways {
             eventually(
                 "every topic at its owner",
                 Duration::from_secs(20),
                 || async {
-                    let r = get(*gw, "/ring").await?;
+                    let r = get(*admin, "/ring").await?;
                     let by_node = r["topics"].as_object()?;
                     let placed = by_node.iter().all(|(node, topics)| {
                         topics.as_array().is_some_and(|ts| {
@@ -198,8 +210,8 @@ async fn ring_edits_in_a_row_at_many_intervals_lose_and_repeat_nothing() {
         cluster.settled(&last).await;
         publish_a_while(&traffic, 50).await;
         let mut moves = 0;
-        for gw in &cluster.gateways {
-            moves += get(*gw, "/status").await.unwrap()["moves"]
+        for (_, admin) in &cluster.gateways {
+            moves += get(*admin, "/status").await.unwrap()["moves"]
                 .as_u64()
                 .unwrap();
         }

@@ -56,21 +56,39 @@ pub fn free_port() -> u16 {
 pub struct Proc {
     pub name: String,
     pub addr: SocketAddr,
+    /// The admin listener (`/status`, `/ring`).
+    pub admin: SocketAddr,
     binary: String,
     env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Proc {
+    /// Starts `binary` with `env`, listening on `addr`; its admin listener goes on another
+    /// free loopback port unless `env` names one.
     pub fn spawn(name: &str, binary: &str, addr: SocketAddr, env: &[(&str, String)]) -> Proc {
+        let admin_var = match binary {
+            "gateway" => "GATEWAY_ADMIN_LISTEN",
+            _ => "TOPIC_SERVER_ADMIN_LISTEN",
+        };
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let admin = match env.iter().find(|(k, _)| k == admin_var) {
+            Some((_, v)) => v.parse().expect("admin address"),
+            None => {
+                let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                env.push((admin_var.to_owned(), admin.to_string()));
+                admin
+            }
+        };
         let mut proc = Proc {
             name: name.to_owned(),
             addr,
+            admin,
             binary: binary.to_owned(),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
+            env,
             child: None,
         };
         proc.start();
@@ -147,8 +165,41 @@ impl Proc {
         child.wait().ok()
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("process is running").id()
+    }
+
+    /// Resident memory of the running process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.proc_status_kib("VmRSS:")
+    }
+
+    /// The most resident memory the process has had so far, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.proc_status_kib("VmHWM:")
+    }
+
+    fn proc_status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{field} in /proc/<pid>/status"))
+    }
+
+    /// Open file descriptors of the running process (sockets included).
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("read /proc/<pid>/fd")
+            .count()
+    }
+
+    /// A URL on the admin listener.
     pub fn http(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("http://{}{}", self.admin, path)
     }
 
     /// `GET /status` as JSON, or `None` while the process is not answering.

@@ -115,6 +115,14 @@ impl WsClient {
         self.next_ref.to_string()
     }
 
+    /// Joins `topic` with `join_ref`, skipping whatever arrives before the reply (deliveries
+    /// of other topics); returns the ok reply's response.
+    pub async fn join_skipping(&mut self, topic: &str, join_ref: &str) -> Value {
+        self.send_json(json!([join_ref, join_ref, topic, "phx_join", {}]))
+            .await;
+        self.reply_to(join_ref, "ok").await.1[4]["response"].clone()
+    }
+
     /// Joins `topic` with `join_ref` and returns the reply's payload (`{status, response}`).
     pub async fn join(&mut self, topic: &str, join_ref: &str, params: Value) -> Value {
         self.send_json(json!([join_ref, join_ref, topic, "phx_join", params]))
@@ -188,7 +196,7 @@ impl WsClient {
     }
 
     /// The frames before the reply to `msg_ref`, and the reply (its status asserted).
-    async fn reply_to(&mut self, msg_ref: &str, status: &str) -> (Vec<Value>, Value) {
+    pub async fn reply_to(&mut self, msg_ref: &str, status: &str) -> (Vec<Value>, Value) {
         let mut before = Vec::new();
         loop {
             let frame = self.recv_json().await;

@@ -210,7 +210,7 @@ async fn a_flood_of_malformed_frames_closes_with_1008() {
     }
     assert_eq!(
         a.recv_end().await,
-        Ended::Closed(Some((1008, "too many malformed frames".into())))
+        Ended::Closed(Some((1008, "too many refused frames".into())))
     );
 }
 

@@ -27,6 +27,14 @@ async fn cluster_script_runs_the_transcript_and_stops_on_sigterm() {
             "TOPIC_SERVER_PORTS",
             format!("{},{}", topic_servers[0], topic_servers[1]),
         )
+        .env(
+            "GATEWAY_ADMIN_PORTS",
+            format!("{},{}", free_port(), free_port()),
+        )
+        .env(
+            "TOPIC_SERVER_ADMIN_PORTS",
+            format!("{},{}", free_port(), free_port()),
+        )
         .env("RING_FILE", dir.path().join("ring.toml"))
         .env("RINGCAST_BIN_DIR", &bin_dir)
         .env("RUST_LOG", "warn")

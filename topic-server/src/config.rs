@@ -25,6 +25,13 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// How much history each topic keeps for recovery.
     pub log: LogLimits,
+    /// The admin listener (`/status`), loopback by default.
+    pub admin_listen: SocketAddr,
+    /// Topics held at most; a request that would create another is refused.
+    pub max_topics: usize,
+    /// Log bytes (payloads, event and topic names) held over every topic, after which new
+    /// topics are refused.
+    pub max_log_total: usize,
 }
 
 impl Config {
@@ -38,6 +45,9 @@ impl Config {
             keepalive: Duration::from_secs(2),
             max_message_bytes: ringcast_proto::batch::MAX_MESSAGE_BYTES,
             log: LogLimits::default(),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_topics: 1_000_000,
+            max_log_total: 1 << 30,
         }
     }
 
@@ -55,7 +65,7 @@ impl Config {
 #[derive(Debug, Parser)]
 #[command(name = "topic-server", version, about, long_about = None)]
 struct Cli {
-    /// Address for gRPC and the HTTP status endpoint (`GET /status`).
+    /// Address for gRPC (gateways and other topic servers).
     #[arg(
         long,
         env = "TOPIC_SERVER_LISTEN",
@@ -85,6 +95,19 @@ struct Cli {
     /// log fits one gRPC message when it is handed to another node).
     #[arg(long, env = "TOPIC_SERVER_LOG_BYTES", value_name = "TOPIC_SERVER_LOG_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..=ringcast_proto::batch::MAX_ITEM_BYTES as u64))]
     log_bytes: u64,
+    /// Address of the admin listener (`GET /status`); default: loopback, the gRPC port + 100.
+    #[arg(
+        long,
+        env = "TOPIC_SERVER_ADMIN_LISTEN",
+        value_name = "TOPIC_SERVER_ADMIN_LISTEN"
+    )]
+    admin_listen: Option<SocketAddr>,
+    /// Topics held at most; requests that would create more are refused (`too many topics`).
+    #[arg(long, env = "TOPIC_SERVER_MAX_TOPICS", value_name = "TOPIC_SERVER_MAX_TOPICS", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_topics: u64,
+    /// Log bytes held over all topics, after which new topics are refused.
+    #[arg(long, env = "TOPIC_SERVER_MAX_LOG_TOTAL_BYTES", value_name = "TOPIC_SERVER_MAX_LOG_TOTAL_BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..))]
+    max_log_total_bytes: u64,
 }
 
 impl Cli {
@@ -117,6 +140,22 @@ impl Cli {
             bytes: self.log_bytes as usize,
             age: Duration::from_secs(self.log_seconds),
         };
+        config.admin_listen = match self.admin_listen {
+            Some(addr) => addr,
+            None => {
+                let port = self
+                    .listen
+                    .port()
+                    .checked_add(100)
+                    .filter(|_| self.listen.port() != 0);
+                let port = port.ok_or(
+                    "TOPIC_SERVER_ADMIN_LISTEN: set it (the default is the TOPIC_SERVER_LISTEN port + 100)",
+                )?;
+                SocketAddr::from(([127, 0, 0, 1], port))
+            }
+        };
+        config.max_topics = self.max_topics as usize;
+        config.max_log_total = self.max_log_total_bytes as usize;
         Ok((self.listen, config))
     }
 }

@@ -386,9 +386,11 @@ mod tests {
             }),
             Route::Refuse
         );
+        let at = std::time::Instant::now();
         let newer = Moved {
             version: 5,
             to: Some("n:1".into()),
+            at,
         };
         assert_eq!(
             route(TopicFacts {
@@ -400,6 +402,7 @@ mod tests {
         let older = Moved {
             version: 2,
             to: Some("n:1".into()),
+            at,
         };
         let fetched = route(TopicFacts {
             moved: Some(&older),

@@ -18,5 +18,5 @@ pub mod shards;
 
 pub use config::Config;
 pub use log::LogLimits;
-pub use server::run;
+pub use server::{Listeners, run};
 pub use service::{Ownership, ServiceLimits, StatusSnapshot, TopicService};

@@ -1,6 +1,6 @@
 //! `topic-server`: parse the environment, install tracing, serve until Ctrl-C or SIGTERM.
 
-use ringcast_topic_server::{Config, process, run};
+use ringcast_topic_server::{Config, Listeners, process, run};
 use std::process::ExitCode;
 
 #[tokio::main]
@@ -20,7 +20,19 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(listener, config, process::shutdown_on_signal()).await {
+    let admin = match tokio::net::TcpListener::bind(config.admin_listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            let addr = config.admin_listen;
+            eprintln!("topic-server: TOPIC_SERVER_ADMIN_LISTEN {addr}: cannot listen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listeners = Listeners {
+        grpc: listener,
+        admin,
+    };
+    match run(listeners, config, process::shutdown_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("topic-server: {e:#}");

@@ -6,6 +6,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
+/// Peer channels kept at most.
+const MAX_PEERS: usize = 64;
+
 /// How long one `Take` may take, connection included.
 const TAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -31,6 +34,13 @@ impl Peers {
         let mut channels = self.channels.lock();
         if let Some(channel) = channels.get(addr) {
             return Ok(channel.clone());
+        }
+        if channels.len() >= MAX_PEERS {
+            // Peers' addresses come and go with ring edits: one that is not asked any more
+            // makes room (channels connect lazily, so one asked again is made again).
+            if let Some(old) = channels.keys().next().cloned() {
+                channels.remove(&old);
+            }
         }
         let channel = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| TakeError::Address(addr.to_owned(), e))?

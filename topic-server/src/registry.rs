@@ -102,6 +102,8 @@ pub struct Moved {
     pub version: u64,
     /// The new owner's address.
     pub to: Option<String>,
+    /// When it was handed over.
+    pub at: Instant,
 }
 
 /// What a topic's old owner hands to the new one.
@@ -125,7 +127,14 @@ pub struct TopicRegistry<G> {
     limits: LogLimits,
     subscriptions: usize,
     logged: Dropped,
+    /// Bytes of the names of the topics held.
+    names: usize,
 }
+
+/// Handed-over topics remembered, at most, per registry: the oldest are forgotten first.
+const MOVED_MAX: usize = 16_384;
+/// How long a handover is remembered.
+const MOVED_FOR: Duration = Duration::from_secs(600);
 
 impl<G: PartialEq + Clone> TopicRegistry<G> {
     pub fn new(epochs: EpochSource, limits: LogLimits) -> Self {
@@ -136,11 +145,13 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
             limits,
             subscriptions: 0,
             logged: Dropped::default(),
+            names: 0,
         }
     }
 
     fn topic_mut(&mut self, topic: &str) -> &mut Topic<G> {
         if !self.topics.contains_key(topic) {
+            self.names += topic.len();
             let epoch = self.epochs.next();
             self.topics.insert(
                 topic.to_owned(),
@@ -205,6 +216,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         }
         if state.is_idle() {
             self.topics.remove(topic);
+            self.names -= topic.len();
         }
         removed
     }
@@ -236,6 +248,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         if idle {
             // Not kept and nobody to deliver to: like Phoenix PubSub, it reaches no one.
             self.topics.remove(topic);
+            self.names -= topic.len();
             return Published {
                 position,
                 gateways: Vec::new(),
@@ -250,14 +263,19 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
 
     /// Drops every subscription held by `gateway` (its stream ended). Returns how many.
     pub fn drop_gateway(&mut self, gateway: &G) -> usize {
-        let mut dropped = 0;
-        self.topics.retain(|_, state| {
+        let (mut dropped, mut names) = (0, 0);
+        self.topics.retain(|topic, state| {
             if let Some(i) = state.gateways.iter().position(|(g, _)| g == gateway) {
                 dropped += state.gateways.swap_remove(i).1.len();
             }
-            !state.is_idle()
+            let keep = !state.is_idle();
+            if !keep {
+                names += topic.len();
+            }
+            keep
         });
         self.subscriptions -= dropped;
+        self.names -= names;
         dropped
     }
 
@@ -265,14 +283,30 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     /// messages. Returns how many topics went.
     pub fn expire(&mut self, now: Instant) -> usize {
         let (limits, before) = (self.limits, self.topics.len());
-        let mut expired = Dropped::default();
-        self.topics.retain(|_, state| {
+        let (mut expired, mut names) = (Dropped::default(), 0);
+        self.topics.retain(|topic, state| {
             let dropped = state.log.expire(now, &limits);
             expired.messages += dropped.messages;
             expired.bytes += dropped.bytes;
-            !state.is_idle()
+            let keep = !state.is_idle();
+            if !keep {
+                names += topic.len();
+            }
+            keep
         });
         self.forget(expired);
+        self.names -= names;
+        // Handovers are remembered for a while, and only so many.
+        self.moved
+            .retain(|_, m| now.saturating_duration_since(m.at) < MOVED_FOR);
+        if self.moved.len() > MOVED_MAX {
+            let mut ages: Vec<(Instant, String)> =
+                self.moved.iter().map(|(t, m)| (m.at, t.clone())).collect();
+            ages.sort();
+            for (_, topic) in ages.into_iter().take(self.moved.len() - MOVED_MAX) {
+                self.moved.remove(&topic);
+            }
+        }
         before - self.topics.len()
     }
 
@@ -284,6 +318,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     /// Removes `topic` for a handoff: its position, log and the gateways subscribed to it.
     pub fn take(&mut self, topic: &str, now: Instant) -> Option<Handoff<G>> {
         let state = self.topics.remove(topic)?;
+        self.names -= topic.len();
         let subscribers: usize = state.gateways.iter().map(|(_, s)| s.len()).sum();
         self.subscriptions -= subscribers;
         self.forget(Dropped {
@@ -312,6 +347,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
             return false;
         }
         let (log, held) = TopicLog::restore(log, offset, now, &self.limits);
+        self.names += topic.len();
         self.logged.messages += held.messages;
         self.logged.bytes += held.bytes;
         let topic_state = Topic {
@@ -333,8 +369,10 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     }
 
     /// Remembers that `topic` went to its owner under ring `version`, at address `to`.
-    pub fn mark_moved(&mut self, topic: &str, version: u64, to: Option<String>) {
-        self.moved.insert(topic.to_owned(), Moved { version, to });
+    pub fn mark_moved(&mut self, topic: &str, version: u64, to: Option<String>, now: Instant) {
+        let at = now;
+        self.moved
+            .insert(topic.to_owned(), Moved { version, to, at });
     }
 
     /// Where and under which ring `topic` was handed over, if it was.
@@ -363,6 +401,16 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     /// Messages held in the logs of this shard, and their payload + event bytes.
     pub fn logged(&self) -> (usize, usize) {
         (self.logged.messages, self.logged.bytes)
+    }
+
+    /// Every byte this shard holds for its topics: logged payloads and events, and names.
+    pub fn held_bytes(&self) -> usize {
+        self.logged.bytes + self.names
+    }
+
+    /// Handovers remembered.
+    pub fn moved_count(&self) -> usize {
+        self.moved.len()
     }
 }
 

@@ -1,4 +1,5 @@
-//! The topic server process: gRPC and the HTTP status endpoint on one listener.
+//! The topic server process: gRPC (gateways, other topic servers) on one listener, the
+//! status endpoint on the admin listener (loopback by default).
 //!
 //! `run` is what the binary and the tests call; it returns when `shutdown` is cancelled
 //! and every gateway stream has been closed.
@@ -36,17 +37,42 @@ impl TopicServer for GrpcTopicServer {
     }
 }
 
+/// A topic server's listeners, bound by the caller (the binary, or a test on port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC: `TOPIC_SERVER_LISTEN`.
+    pub grpc: TcpListener,
+    /// `/status`: `TOPIC_SERVER_ADMIN_LISTEN`.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the admin listener on an ephemeral loopback port beside `grpc`.
+    pub async fn with_loopback_admin(grpc: TcpListener) -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            grpc,
+            admin: TcpListener::bind("127.0.0.1:0").await?,
+        })
+    }
+}
+
 /// Serves until `shutdown` is cancelled.
 pub async fn run(
-    listener: TcpListener,
+    listeners: Listeners,
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Listeners {
+        grpc: listener,
+        admin,
+    } = listeners;
     let service = TopicService::new(
         Ownership::ring(config.node_id.clone(), config.ring.clone()),
         ServiceLimits {
             stream_queue: config.stream_queue,
             log: config.log,
+            max_topics: config.max_topics,
+            max_held_bytes: config.max_log_total,
         },
         shutdown.child_token(),
     );
@@ -69,23 +95,27 @@ pub async fn run(
             follower.set_ring(ring);
         }
     });
-    let http = Router::new()
+    let admin_routes = Router::new()
         .route("/status", get(status))
         .with_state(StatusState {
             service: service.clone(),
             ring_watch,
         });
-    let routes = tonic::service::Routes::from(http).add_service(grpc);
+    tracing::info!(admin = %admin.local_addr()?, "admin listening");
+    let admin = tokio::spawn(
+        axum::serve(admin, admin_routes)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future(),
+    );
 
     let stopping = shutdown.clone();
     let closer = service.clone();
     let server = tonic::transport::Server::builder()
-        .accept_http1(true)
         .http2_keepalive_interval(Some(config.keepalive))
         .http2_keepalive_timeout(Some(config.keepalive))
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(8 * 1024 * 1024))
-        .add_routes(routes)
+        .add_service(grpc)
         // Tonic applies `tcp_nodelay` only to listeners it binds itself: without it, Nagle
         // holds a small write back until the gateway's next packet acknowledges the last
         // (up to one publish interval of added latency on every delivery).
@@ -99,6 +129,9 @@ pub async fn run(
         );
     server.await?;
     follow.abort();
+    if let Ok(Err(e)) = admin.await {
+        tracing::warn!(error = %e, "admin listener failed");
+    }
     tracing::info!("topic server stopped");
     Ok(())
 }

@@ -37,6 +37,9 @@ use tonic::Status;
 
 const SHARDS: usize = 64;
 
+/// How long a count of the owned topics is shown before it is counted again.
+const OWNED_EVERY: Duration = Duration::from_secs(1);
+
 /// How often topic logs are checked for messages past their age limit.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 
@@ -47,6 +50,10 @@ pub struct ServiceLimits {
     pub stream_queue: usize,
     /// How much history each topic keeps for recovery.
     pub log: LogLimits,
+    /// Topics held at most: a request that would create another is refused.
+    pub max_topics: usize,
+    /// Bytes held for topics (logs and names) over which new topics are refused.
+    pub max_held_bytes: usize,
 }
 
 impl Default for ServiceLimits {
@@ -54,6 +61,8 @@ impl Default for ServiceLimits {
         ServiceLimits {
             stream_queue: 65_536,
             log: LogLimits::default(),
+            max_topics: 1_000_000,
+            max_held_bytes: 1 << 30,
         }
     }
 }
@@ -116,6 +125,10 @@ pub struct Stats {
     pub moves: AtomicU64,
     /// Requests refused because too many already waited for their topic's handoff.
     pub parked_refused: AtomicU64,
+    /// Requests refused because they would create a topic past the limits.
+    pub topics_refused: AtomicU64,
+    /// Recovering joins refused (`unavailable`) for want of room on their gateway's stream.
+    pub recoveries_deferred: AtomicU64,
     /// Subscriptions made with a recovery position: served from the log, or refused.
     pub recoveries: AtomicU64,
     pub recoveries_refused: AtomicU64,
@@ -133,12 +146,20 @@ pub struct StatusSnapshot {
     pub fetching: usize,
     pub parked: usize,
     pub parked_refused: u64,
+    /// Requests refused because they would create a topic past `TOPIC_SERVER_MAX_TOPICS` or
+    /// `TOPIC_SERVER_MAX_LOG_TOTAL_BYTES`.
+    pub topics_refused: u64,
+    /// Recovering joins answered `unavailable` for want of room on their gateway's stream.
+    pub recoveries_deferred: u64,
+    /// Topics handed over and remembered (refused until this node reads their ring; leads).
+    pub handed_over_remembered: usize,
     /// Why the last edit of the ring file was refused, while the file in place is not the
     /// ring in force.
     pub ring_refused: Option<String>,
     pub topics: usize,
     pub subscriptions: usize,
-    /// Messages held in topic logs, and their bytes (payload + event).
+    /// Messages held in topic logs, and the bytes held for topics (payloads, event and topic
+    /// names).
     pub log_messages: usize,
     pub log_bytes: usize,
     pub gateways: Vec<String>,
@@ -213,6 +234,27 @@ impl TopicRequest {
 struct Shard {
     registry: TopicRegistry<LinkRef>,
     parked: HashMap<String, Vec<(LinkRef, TopicRequest)>>,
+    /// Its topics and held bytes as last added to the service's totals.
+    counted: (usize, usize),
+}
+
+impl Shard {
+    /// Brings the service's totals up to date with this shard (call after changing it).
+    fn sync(&mut self, totals: &Totals) {
+        let now = (self.registry.topic_count(), self.registry.held_bytes());
+        let (topics, bytes) = self.counted;
+        totals.topics.fetch_add(now.0.wrapping_sub(topics), Relaxed);
+        totals.bytes.fetch_add(now.1.wrapping_sub(bytes), Relaxed);
+        self.counted = now;
+    }
+}
+
+/// Topics held and their bytes (logs and names), over every shard: kept as they change, so
+/// that a new topic is admitted in O(1) and `/status` walks nothing.
+#[derive(Debug, Default)]
+struct Totals {
+    topics: AtomicUsize,
+    bytes: AtomicUsize,
 }
 
 struct Shared {
@@ -225,6 +267,9 @@ struct Shared {
     next_link: AtomicU64,
     links: Mutex<Vec<Arc<Link>>>,
     stats: Stats,
+    totals: Totals,
+    /// `owned_topics` as last counted: when, the count, and under which ring version.
+    owned: Mutex<Option<(Instant, usize, u64)>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -254,6 +299,7 @@ impl TopicService {
                     limits.log,
                 ),
                 parked: HashMap::new(),
+                counted: (0, 0),
             })
         });
         let service = TopicService {
@@ -266,6 +312,8 @@ impl TopicService {
                 next_link: AtomicU64::new(1),
                 links: Mutex::new(Vec::new()),
                 stats: Stats::default(),
+                totals: Totals::default(),
+                owned: Mutex::new(None),
                 shutdown,
                 tasks: TaskTracker::new(),
             }),
@@ -383,10 +431,13 @@ impl TopicService {
             TakeVerdict::HandOver { mark_moved } => mark_moved,
         };
         let handoff = shard.registry.take(topic, Instant::now());
+        shard.sync(&s.totals);
         if mark_moved {
             // Refused here until this node reads that ring; a lead if a ring gives it back.
             let to = (!request.addr.is_empty()).then(|| request.addr.clone());
-            shard.registry.mark_moved(topic, request.ring_version, to);
+            shard
+                .registry
+                .mark_moved(topic, request.ring_version, to, Instant::now());
         }
         let Some(handoff) = handoff else {
             let moved_to = shard.registry.moved(topic).and_then(|m| m.to.clone());
@@ -431,22 +482,42 @@ impl TopicService {
         self.shared.tasks.wait().await;
     }
 
+    /// The status: counters kept as things happen, and per shard sums of O(1) figures. Only
+    /// `owned_topics` (which asks the ring about every topic held) walks the topics, at most
+    /// once a second, so that status requests cannot hold the locks publishes take.
     pub fn status(&self) -> StatusSnapshot {
         let s = &self.shared;
-        let (mut topics, mut subscriptions, mut log_messages, mut log_bytes) = (0, 0, 0, 0);
-        let (mut owned_topics, mut fetching, mut parked) = (0, 0, 0);
+        let (mut subscriptions, mut log_messages, mut moved) = (0, 0, 0);
+        let (mut fetching, mut parked) = (0, 0);
         for shard in s.shards.iter() {
             let shard = shard.lock();
             fetching += shard.parked.len();
             parked += shard.parked.values().map(Vec::len).sum::<usize>();
-            let shard = &shard.registry;
-            topics += shard.topic_count();
-            owned_topics += s.ownership.count_owned(shard.topic_names());
-            subscriptions += shard.subscription_count();
-            let (messages, bytes) = shard.logged();
-            log_messages += messages;
-            log_bytes += bytes;
+            subscriptions += shard.registry.subscription_count();
+            log_messages += shard.registry.logged().0;
+            moved += shard.registry.moved_count();
         }
+        let owned_topics = {
+            let mut owned = s.owned.lock();
+            match *owned {
+                Some((at, count, version))
+                    if at.elapsed() < OWNED_EVERY && version == s.ownership.version() =>
+                {
+                    count
+                }
+                _ => {
+                    let mut count = 0;
+                    for shard in s.shards.iter() {
+                        let shard = shard.lock();
+                        count += s.ownership.count_owned(shard.registry.topic_names());
+                    }
+                    *owned = Some((Instant::now(), count, s.ownership.version()));
+                    count
+                }
+            }
+        };
+        let topics = s.totals.topics.load(Relaxed);
+        let log_bytes = s.totals.bytes.load(Relaxed);
         let gateways = s
             .links
             .lock()
@@ -465,6 +536,9 @@ impl TopicService {
             fetching,
             parked,
             parked_refused: s.stats.parked_refused.load(Relaxed),
+            topics_refused: s.stats.topics_refused.load(Relaxed),
+            recoveries_deferred: s.stats.recoveries_deferred.load(Relaxed),
+            handed_over_remembered: moved,
             ring_refused: None,
             topics,
             subscriptions,
@@ -525,7 +599,9 @@ impl Shared {
         link.0.closed.cancel();
         let mut dropped = 0;
         for shard in self.shards.iter() {
-            dropped += shard.lock().registry.drop_gateway(&link);
+            let mut shard = shard.lock();
+            dropped += shard.registry.drop_gateway(&link);
+            shard.sync(&self.totals);
         }
         self.links.lock().retain(|l| l.id != link.0.id);
         self.stats.links_open.fetch_sub(1, Relaxed);
@@ -538,7 +614,9 @@ impl Shared {
     /// Drops log messages past their age, and topics left with nothing.
     fn expire(&self, now: Instant) {
         for shard in self.shards.iter() {
-            shard.lock().registry.expire(now);
+            let mut shard = shard.lock();
+            shard.registry.expire(now);
+            shard.sync(&self.totals);
         }
     }
 
@@ -573,7 +651,8 @@ impl Shared {
                 if let Some(queue) = shard.parked.get_mut(&unsub.topic) {
                     return queue.push((link.clone(), TopicRequest::Unsubscribe(unsub)));
                 }
-                return self.unsubscribe(&mut shard.registry, link, unsub);
+                self.unsubscribe(&mut shard.registry, link, unsub);
+                return shard.sync(&self.totals);
             }
             up::Kind::Subscribe(r) => TopicRequest::Subscribe(r),
             up::Kind::Publish(r) => TopicRequest::Publish(r),
@@ -595,10 +674,7 @@ impl Shared {
         // the gateway answers `unavailable` (phoenix.js retries a join by itself).
         let park_limit = self.limits.stream_queue / 4;
         match handoff::route(facts, park_limit, |known| self.ownership.others(known)) {
-            Route::WrongOwner(version) => {
-                drop(shard);
-                self.wrong_owner(link, request, version)
-            }
+            Route::WrongOwner(version) => self.wrong_owner(link, request, version),
             Route::Serve => self.serve(&mut shard, link, request),
             Route::Park => {
                 if let Some(queue) = shard.parked.get_mut(&topic) {
@@ -618,6 +694,7 @@ impl Shared {
                 self.tasks.spawn(self.clone().fetch(topic, previous));
             }
         }
+        shard.sync(&self.totals);
     }
 
     fn unsubscribe(&self, shard: &mut TopicRegistry<LinkRef>, link: &LinkRef, unsub: Unsubscribe) {
@@ -629,13 +706,29 @@ impl Shared {
         self.send(&link.0, Down::ack(unsub.request_id, epoch, offset));
     }
 
-    /// Serves a request for a topic this node owns and holds (or may create).
+    /// Serves a request for a topic this node owns and holds (or may create, unless it
+    /// holds as many topics, or bytes, as it may).
     fn serve(&self, shard: &mut Shard, link: &LinkRef, request: TopicRequest) {
         let shard = &mut shard.registry;
         let now = Instant::now();
+        let creates =
+            !matches!(request, TopicRequest::Unsubscribe(_)) && !shard.contains(request.topic());
+        if creates && self.full() {
+            self.stats.topics_refused.fetch_add(1, Relaxed);
+            let refused = Down::rejected(request.request_id(), "too many topics");
+            return self.send(&link.0, refused);
+        }
         match request {
             TopicRequest::Subscribe(sub) => {
                 let recover = sub.recover.map(Position::from);
+                // A recovery may bring the topic's whole log back on the gateway's stream,
+                // which its other clients share: only with room for it, else `unavailable`
+                // (phoenix.js joins again by itself).
+                if recover.is_some() && link.0.tx.capacity() <= self.limits.log.messages + 2 {
+                    self.stats.recoveries_deferred.fetch_add(1, Relaxed);
+                    let refused = Down::rejected(sub.request_id, "unavailable");
+                    return self.send(&link.0, refused);
+                }
                 let subscribed = shard.subscribe(&sub.topic, link, sub.subscriber, recover, now);
                 // Sent under the shard lock: replay and ack are ordered with the topic's
                 // deliveries, so the subscriber's messages continue with no gap.
@@ -744,7 +837,9 @@ impl Shared {
         match handoff::install(found) {
             Install::OwnedElsewhere(version) => {
                 tracing::warn!(%topic, their_version = version, "a newer ring gives this topic elsewhere");
-                shard.registry.mark_moved(&topic, version, None);
+                shard
+                    .registry
+                    .mark_moved(&topic, version, None, Instant::now());
             }
             Install::Continue(reply) => {
                 let now = Instant::now();
@@ -780,6 +875,13 @@ impl Shared {
                 Parked::Drop => {}
             }
         }
+        shard.sync(&self.totals);
+    }
+
+    /// Whether this node holds as many topics, or as many bytes for them, as it may.
+    fn full(&self) -> bool {
+        self.totals.topics.load(Relaxed) >= self.limits.max_topics
+            || self.totals.bytes.load(Relaxed) >= self.limits.max_held_bytes
     }
 
     /// A gateway or peer mentioned ring `version`: say so once if it is newer than ours.

@@ -7,9 +7,9 @@
 //! their connection. Everything that needs a decision (a join to send elsewhere, a move to
 //! start, a request refused, the stream lost) goes to the driver as a [`LinkEvent`].
 
-use super::rings::Rings;
 use super::directory::LinkEvent;
 use super::request::{Join, Move, Pending, replay_is_complete};
+use super::rings::Rings;
 use crate::conn::{ChannelEvent, Replayed};
 use crate::index::{Delivered, Incoming, Inserted, LocalIndex, Position};
 use crate::metrics::Metrics;
