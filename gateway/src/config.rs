@@ -59,6 +59,12 @@ pub struct Config {
     pub http_timeout: Duration,
     /// Open connections per client IP address at most (0: no limit).
     pub max_connections_per_ip: usize,
+    /// How clients prove who they are (`GATEWAY_AUTH`, keys).
+    pub auth: crate::auth::Auth,
+    /// Browser origins allowed to open websockets (empty: any).
+    pub allowed_origins: Vec<String>,
+    /// The cluster's shared secret, sent on every call to a topic server (`CLUSTER_SECRET`).
+    pub cluster_secret: ringcast_proto::auth::ClusterSecret,
 }
 
 /// A token bucket's settings: `per_sec` sustained, `burst` at once (`per_sec` 0: unlimited).
@@ -104,6 +110,9 @@ impl Config {
             max_pending_http: 1024,
             http_timeout: Duration::from_secs(10),
             max_connections_per_ip: 0,
+            auth: crate::auth::Auth::Open,
+            allowed_origins: Vec::new(),
+            cluster_secret: Default::default(),
         }
     }
 
@@ -227,6 +236,54 @@ struct Cli {
         default_value_t = 0
     )]
     max_connections_per_ip: u32,
+    /// `jwt`: clients need a connection token signed by one of the keys; `none`: anyone may
+    /// connect, join and publish. Default: `jwt` when keys are set, else `none` on a loopback
+    /// address (a gateway listening beyond loopback with no keys refuses to start).
+    #[arg(long, env = "GATEWAY_AUTH", value_name = "GATEWAY_AUTH")]
+    auth: Option<AuthMode>,
+    /// HS256 secrets tokens may be signed with: `kid:secret,...` (a kid is optional; each
+    /// secret at least 32 bytes).
+    #[arg(
+        long,
+        env = "GATEWAY_JWT_SECRETS",
+        value_name = "GATEWAY_JWT_SECRETS",
+        hide_env_values = true
+    )]
+    jwt_secrets: Option<String>,
+    /// RS256 or ES256 public keys (PEM files): `kid:/path/key.pem,...`.
+    #[arg(
+        long,
+        env = "GATEWAY_JWT_PUBLIC_KEYS",
+        value_name = "GATEWAY_JWT_PUBLIC_KEYS"
+    )]
+    jwt_public_keys: Option<String>,
+    /// Seconds of clock skew allowed when checking a token's `exp`.
+    #[arg(long, env = "GATEWAY_JWT_LEEWAY_SECS", value_name = "GATEWAY_JWT_LEEWAY_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    jwt_leeway_secs: u64,
+    /// Browser origins allowed to open websockets, comma-separated: exact
+    /// (`https://app.example.com`) or `*.example.com`. Default: any.
+    #[arg(
+        long,
+        env = "GATEWAY_ALLOWED_ORIGINS",
+        value_name = "GATEWAY_ALLOWED_ORIGINS"
+    )]
+    allowed_origins: Option<String>,
+    /// The cluster's shared secret, sent on every call to a topic server (set the same on
+    /// every gateway and topic server).
+    #[arg(
+        long,
+        env = "CLUSTER_SECRET",
+        value_name = "CLUSTER_SECRET",
+        hide_env_values = true
+    )]
+    cluster_secret: Option<String>,
+}
+
+/// `GATEWAY_AUTH`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthMode {
+    None,
+    Jwt,
 }
 
 impl Cli {
@@ -277,6 +334,37 @@ impl Cli {
         config.max_pending_http = self.max_pending_http as usize;
         config.http_timeout = Duration::from_secs(self.http_timeout_secs);
         config.max_connections_per_ip = self.max_connections_per_ip as usize;
+        let keys =
+            crate::auth::keys_from(self.jwt_secrets.as_deref(), self.jwt_public_keys.as_deref())?;
+        let leeway = Duration::from_secs(self.jwt_leeway_secs);
+        config.auth = match (self.auth, keys.is_empty()) {
+            (Some(AuthMode::None), _) => crate::auth::Auth::Open,
+            (Some(AuthMode::Jwt), true) => {
+                return Err(
+                    "GATEWAY_AUTH=jwt needs GATEWAY_JWT_SECRETS or GATEWAY_JWT_PUBLIC_KEYS".into(),
+                );
+            }
+            (_, false) => crate::auth::Auth::Jwt { keys, leeway },
+            (None, true) if self.listen.ip().is_loopback() => crate::auth::Auth::Open,
+            (None, true) => {
+                return Err(format!(
+                    "GATEWAY_LISTEN {} is reachable beyond this machine and no token keys are set \
+                     (protected mode): set GATEWAY_JWT_SECRETS or GATEWAY_JWT_PUBLIC_KEYS, or \
+                     GATEWAY_AUTH=none to run open on purpose",
+                    self.listen
+                ));
+            }
+        };
+        config.cluster_secret =
+            ringcast_proto::auth::ClusterSecret::parse(self.cluster_secret.as_deref())?;
+        if let Some(origins) = self.allowed_origins {
+            config.allowed_origins = origins
+                .split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
         if let Some(topics) = self.topics {
             config.topic_patterns = topics
                 .split(',')

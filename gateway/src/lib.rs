@@ -9,6 +9,7 @@
 //! reads the environment.
 
 pub mod admin;
+pub mod auth;
 pub mod cluster;
 pub mod codec;
 pub mod config;

@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::http::ClientConn;
 use crate::index::LocalIndex;
 use crate::metrics::Metrics;
-use crate::{Gateway, admin, http, session, ws};
+use crate::{Gateway, admin, auth, http, session, ws};
 use axum::Router;
 use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
@@ -88,6 +88,7 @@ pub async fn run(
         keepalive: config.keepalive,
         max_message_bytes: ringcast_proto::batch::MAX_MESSAGE_BYTES,
         link_threads: config.link_threads,
+        secret: config.cluster_secret.clone(),
     };
     let (cluster, events) = Cluster::start(
         cluster_config,
@@ -196,6 +197,32 @@ async fn websocket(
         Ok(handshake) => handshake,
         Err(rejection) => return rejection.into_response(),
     };
+    let gateway = &state.gateway;
+    let header = |name| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v: &axum::http::HeaderValue| v.to_str().ok())
+    };
+    if !auth::origin_allowed(
+        header(axum::http::header::ORIGIN),
+        &gateway.config.allowed_origins,
+    ) {
+        Metrics::inc(&gateway.metrics.refused_connections);
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    let protocols = header(axum::http::header::SEC_WEBSOCKET_PROTOCOL).unwrap_or_default();
+    let token = auth::token_of(params.get("token").map(String::as_str), protocols);
+    let identity = match gateway.config.auth.connect(token.as_deref()) {
+        Ok(identity) => identity,
+        Err(e) => {
+            Metrics::inc(&gateway.metrics.refused_connections);
+            if let Some(suppressed) = gateway.security_log.allow(tokio::time::Instant::now()) {
+                tracing::warn!(peer = %client.peer, reason = %e, suppressed, "refusing a connection token");
+            }
+            return (StatusCode::FORBIDDEN, e.to_string()).into_response();
+        }
+    };
     let Some(on_upgrade) = request.extensions_mut().remove::<OnUpgrade>() else {
         return (
             StatusCode::UPGRADE_REQUIRED,
@@ -225,7 +252,7 @@ async fn websocket(
         let metrics = gateway.metrics.clone();
         metrics.connections.fetch_add(1, Relaxed);
         Metrics::inc(&metrics.connections_total);
-        session::serve(socket, vsn, gateway, client.peer).await;
+        session::serve(socket, vsn, gateway, client.peer, identity).await;
         metrics.connections.fetch_sub(1, Relaxed);
         drop(permit);
         drop(client);

@@ -5,6 +5,7 @@
 //! task: it reads frames, drains the inbox, and writes everything queued with `writev`.
 
 use crate::Gateway;
+use crate::auth::{Identity, TokenError};
 use crate::cluster::request::{Join, Publish};
 use crate::codec::{self, InFrame, Vsn};
 use crate::config::{MAX_EVENT_BYTES, Rate};
@@ -93,6 +94,8 @@ fn poll_read(
 enum Step {
     Inbox,
     Idle,
+    /// The connection token expired.
+    Expired,
     Read(Option<Result<Message, WsError>>),
 }
 
@@ -128,6 +131,8 @@ struct Channel {
     state: ChannelState,
     /// A previous join of the same topic, closed once this one is answered.
     replaces: Option<Box<Channel>>,
+    /// Whether the client may publish to the topic (its connection token, or its join token).
+    may_publish: bool,
 }
 
 /// A publish waiting for its owner's answer: what the reply to the client needs.
@@ -153,10 +158,12 @@ pub struct Session {
     flooding: bool,
     frames: TokenBucket,
     joins: TokenBucket,
+    /// Who the client is (its connection token), and what it may do.
+    identity: Identity,
 }
 
 impl Session {
-    pub fn new(vsn: Vsn, conn: ConnHandle, gateway: Arc<Gateway>) -> Self {
+    pub fn new(vsn: Vsn, conn: ConnHandle, gateway: Arc<Gateway>, identity: Identity) -> Self {
         let (frames, joins) = gateway_rate(&gateway);
         let now = Instant::now();
         Session {
@@ -170,6 +177,7 @@ impl Session {
             flooding: false,
             frames: TokenBucket::new(frames, now),
             joins: TokenBucket::new(joins, now),
+            identity,
         }
     }
 
@@ -269,7 +277,18 @@ impl Session {
         {
             return self.refuse(&f, "too many channels joined", now, out);
         }
-        let sent = self.send_join(&f);
+        // Authorized by the connection token's patterns, or by a join token for this topic.
+        let may_publish = match self.authorize_join(&f) {
+            Ok(may_publish) => may_publish,
+            Err(e) => {
+                self.security("join refused", &topic, &e.to_string());
+                return self.refuse(&f, "unauthorized", now, out);
+            }
+        };
+        let sent = self.send_join(&f).map(|mut channel| {
+            channel.may_publish = may_publish;
+            channel
+        });
         // Only the newest earlier join is closed; anything it replaced goes now.
         let old = self.channels.remove(&topic).map(|mut old| {
             if let Some(older) = old.replaces.take() {
@@ -328,7 +347,37 @@ impl Session {
                 recover,
             },
             replaces: None,
+            may_publish: false,
         })
+    }
+
+    /// Whether this connection may join `f.topic`, and then publish to it: by its connection
+    /// token's patterns, or by a join token (`{"token": ...}` in the join's params) naming
+    /// this user and this topic.
+    fn authorize_join(&self, f: &InFrame<'_>) -> Result<bool, TokenError> {
+        let auth = &self.gateway.config.auth;
+        let (topic, identity) = (&f.topic, &self.identity);
+        let by_connection = identity.may_subscribe(topic);
+        if auth.is_open() {
+            return Ok(true);
+        }
+        match join_token(f.payload) {
+            Some(token) => match auth.join(identity, topic, &token) {
+                Ok(grant) => Ok(grant.publish || identity.may_publish(topic)),
+                Err(_) if by_connection => Ok(identity.may_publish(topic)),
+                Err(e) => Err(e),
+            },
+            None if by_connection => Ok(identity.may_publish(topic)),
+            None => Err(TokenError::Missing),
+        }
+    }
+
+    /// Logs a refusal for what the client sent, at most a few times a second.
+    fn security(&self, what: &str, topic: &str, reason: &str) {
+        if let Some(suppressed) = self.gateway.security_log.allow(Instant::now()) {
+            let sub = self.identity.sub.as_deref().unwrap_or_default();
+            tracing::warn!(%topic, sub, reason, suppressed, "{what}");
+        }
     }
 
     /// Joins with a recovery position still waiting for their owner.
@@ -368,9 +417,13 @@ impl Session {
     fn push(&mut self, f: InFrame<'_>, now: Instant, out: &mut Vec<String>) {
         // A join on its way counts: as in Phoenix, which answers a join before it reads the
         // next frame, a push right behind a join is taken (it follows the join to the owner).
-        if !self.channels.contains_key(&f.topic) {
+        let Some(channel) = self.channels.get(&f.topic) else {
             return self.refuse(&f, "unmatched topic", now, out);
         };
+        if !channel.may_publish {
+            self.security("publish refused", &f.topic, "not allowed by its tokens");
+            return self.refuse(&f, "unauthorized", now, out);
+        }
         let (event, payload) = match broadcast_of(&f.event, f.payload) {
             Ok(parts) => parts,
             Err(reason) => return self.refuse(&f, reason, now, out),
@@ -610,6 +663,15 @@ fn gateway_rate(gateway: &Gateway) -> (Rate, Rate) {
     (gateway.config.client_rate, gateway.config.join_rate)
 }
 
+/// The join token in a join's params (`{"token": "..."}`), if it has one.
+pub fn join_token(payload: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Params {
+        token: Option<String>,
+    }
+    serde_json::from_str::<Params>(payload).ok()?.token
+}
+
 /// Reads `{"recover": {"epoch": "<hex>", "offset": N}}` from a join payload.
 pub fn parse_recover(payload: &str) -> Result<Option<Position>, &'static str> {
     #[derive(serde::Deserialize)]
@@ -639,11 +701,27 @@ pub fn parse_recover(payload: &str) -> Result<Option<Position>, &'static str> {
 }
 
 /// Runs one websocket connection until the client leaves, is cut, or the gateway stops.
-pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>, peer: SocketAddr) {
+pub async fn serve(
+    mut socket: Socket,
+    vsn: Vsn,
+    gateway: Arc<Gateway>,
+    peer: SocketAddr,
+    identity: Identity,
+) {
     let id = gateway.next_conn.fetch_add(1, Relaxed);
     let (conn, mut inbox) = ConnHandle::new(id, gateway.config.client_queue);
     gateway.conns.register(&conn);
-    let mut session = Session::new(vsn, conn.clone(), gateway.clone());
+    // A connection token's expiry (and the leeway tokens get) closes the socket.
+    let leeway = match &gateway.config.auth {
+        crate::auth::Auth::Jwt { leeway, .. } => *leeway,
+        crate::auth::Auth::Open => Duration::ZERO,
+    };
+    let expiry = identity
+        .expires_in(std::time::SystemTime::now())
+        .map(|left| Instant::now() + left + leeway);
+    let expired = sleep_until(expiry);
+    tokio::pin!(expired);
+    let mut session = Session::new(vsn, conn.clone(), gateway.clone(), identity);
     let idle_timeout = gateway.config.idle_timeout;
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
@@ -683,12 +761,14 @@ pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>, peer: So
                 // 0: cut, seen at the top of the loop.
                 _ = inbox.recv_many(&mut events, INBOX_BATCH) => Step::Inbox,
                 _ = &mut idle => Step::Idle,
+                _ = &mut expired => Step::Expired,
                 message = poll_fn(|cx| poll_read(&mut socket, &interest, &read_waker, cx)) => Step::Read(message),
             },
         };
         match step {
             Step::Inbox => inbox_turns += 1,
             Step::Idle => break Some((close::GOING_AWAY, "idle timeout")),
+            Step::Expired => break Some((close::POLICY, "token expired")),
             Step::Read(message) => {
                 let now = Instant::now();
                 idle.as_mut().reset(now + idle_timeout);
@@ -760,6 +840,14 @@ pub async fn serve(mut socket: Socket, vsn: Vsn, gateway: Arc<Gateway>, peer: So
         })
         .await;
         let _ = tokio::time::timeout(CLOSE_DRAIN, drain_reads(socket.get_mut())).await;
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

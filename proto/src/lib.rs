@@ -5,6 +5,7 @@
 
 #![allow(clippy::all)]
 
+pub mod auth;
 pub mod batch;
 
 /// Generated protobuf types and the `TopicServer` client and server.

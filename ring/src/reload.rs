@@ -100,6 +100,10 @@ impl NewestSeen {
                 .fetch_max(theirs, std::sync::atomic::Ordering::Relaxed)
                 < theirs
     }
+    /// The newest version mentioned so far (0: none).
+    pub fn newest(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,9 @@ pub struct Config {
     /// Log bytes (payloads, event and topic names) held over every topic, after which new
     /// topics are refused.
     pub max_log_total: usize,
+    /// The cluster's shared secret (`CLUSTER_SECRET`): every gRPC call must carry it, and
+    /// calls to peers do.
+    pub cluster_secret: ringcast_proto::auth::ClusterSecret,
 }
 
 impl Config {
@@ -48,6 +51,7 @@ impl Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_topics: 1_000_000,
             max_log_total: 1 << 30,
+            cluster_secret: Default::default(),
         }
     }
 
@@ -108,6 +112,26 @@ struct Cli {
     /// Log bytes held over all topics, after which new topics are refused.
     #[arg(long, env = "TOPIC_SERVER_MAX_LOG_TOTAL_BYTES", value_name = "TOPIC_SERVER_MAX_LOG_TOTAL_BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..))]
     max_log_total_bytes: u64,
+    /// The cluster's shared secret: gateways and topic servers send it on every call and a
+    /// topic server refuses calls without it (at least 16 printable bytes).
+    #[arg(
+        long,
+        env = "CLUSTER_SECRET",
+        value_name = "CLUSTER_SECRET",
+        hide_env_values = true
+    )]
+    cluster_secret: Option<String>,
+    /// `none`: serve gRPC without a cluster secret on an address reachable beyond loopback
+    /// (a topic server otherwise refuses to start that way).
+    #[arg(long, env = "CLUSTER_AUTH", value_name = "CLUSTER_AUTH")]
+    cluster_auth: Option<ClusterAuth>,
+}
+
+/// `CLUSTER_AUTH`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterAuth {
+    None,
+    Secret,
 }
 
 impl Cli {
@@ -156,6 +180,22 @@ impl Cli {
         };
         config.max_topics = self.max_topics as usize;
         config.max_log_total = self.max_log_total_bytes as usize;
+        config.cluster_secret =
+            ringcast_proto::auth::ClusterSecret::parse(self.cluster_secret.as_deref())?;
+        match (self.cluster_auth, config.cluster_secret.is_set()) {
+            (Some(ClusterAuth::Secret), false) => {
+                return Err("CLUSTER_AUTH=secret needs CLUSTER_SECRET".into());
+            }
+            (None, false) if !self.listen.ip().is_loopback() => {
+                return Err(format!(
+                    "TOPIC_SERVER_LISTEN {} is reachable beyond this machine and CLUSTER_SECRET is \
+                     not set (protected mode): set CLUSTER_SECRET on every gateway and topic \
+                     server, or CLUSTER_AUTH=none to run open on purpose",
+                    self.listen
+                ));
+            }
+            _ => {}
+        }
         Ok((self.listen, config))
     }
 }

@@ -12,8 +12,9 @@ use std::time::Duration;
 /// The highest offset a handed-over topic may have (far beyond any real topic): above it,
 /// counting on would overflow.
 pub const MAX_OFFSET: u64 = u64::MAX / 2;
-/// `Take`s asked of one previous owner that answers "busy" before the next one is asked.
-pub const BUSY_TRIES: u32 = 50;
+/// `Take`s asked of one previous owner that answers "busy" before the next one is asked:
+/// 3 s, longer than a ring file takes to reach a process that missed its change (2 s).
+pub const BUSY_TRIES: u32 = 150;
 /// Between two `Take`s of a previous owner that answered "busy" (it is fetching the topic
 /// itself).
 pub const BUSY_WAIT: Duration = Duration::from_millis(20);
@@ -55,11 +56,14 @@ pub enum Route {
 }
 
 /// Decides where a request (a join, a publish or a move) for a topic goes. `others` lists
-/// the other nodes of the ring but those given, asked last when the topic may have moved.
+/// the other nodes of the ring but those given, asked last when the topic may have moved;
+/// `member` says whether an address is a node of this node's rings: a lead that is not is
+/// ignored (never dial where a request says).
 pub fn route(
     facts: TopicFacts<'_>,
     park_limit: usize,
     others: impl FnOnce(&[NodeSpec]) -> Vec<NodeSpec>,
+    member: impl Fn(&str) -> bool,
 ) -> Route {
     if !facts.owns {
         return Route::WrongOwner(facts.version);
@@ -86,7 +90,7 @@ pub fn route(
         facts.moved.and_then(|m| m.to.clone()),
         facts.hint.map(str::to_owned),
     ];
-    for addr in leads.into_iter().flatten() {
+    for addr in leads.into_iter().flatten().filter(|a| member(a)) {
         push_node(&mut candidates, node_at(addr));
     }
     for node in facts.previous_owners {
@@ -111,23 +115,28 @@ pub fn refused_version(moved: Option<&Moved>, version: u64) -> Option<u64> {
 pub enum TakeVerdict {
     /// This node owns the topic under a ring at least as new as the asker's.
     Owned,
-    /// This node is fetching the topic itself: ask again shortly.
+    /// This node is fetching the topic itself, or the asker names a ring newer than any this
+    /// node has heard of (obeying it would make the topic unreachable here on a peer's word):
+    /// ask again shortly.
     Busy,
     /// Hand over whatever is held (maybe nothing). `mark_moved`: refuse the topic from now on
     /// until this node reads the asker's ring (and remember where it went).
     HandOver { mark_moved: bool },
 }
 
-/// Decides a `Take` of a topic asked under ring `wanted`; `held` says whether the topic is
-/// held here.
+/// Decides a `Take` of a topic asked under ring `wanted`: `heard` is the newest ring version
+/// any gateway or peer mentioned before; `held` says whether the topic is held here.
 pub fn take_verdict(
     owns: bool,
     version: u64,
+    heard: u64,
     wanted: u64,
     fetching: bool,
     held: bool,
 ) -> TakeVerdict {
-    if owns && version >= wanted {
+    if wanted > version.max(heard) {
+        TakeVerdict::Busy
+    } else if owns && version >= wanted {
         TakeVerdict::Owned
     } else if fetching {
         TakeVerdict::Busy
@@ -183,15 +192,16 @@ impl Fetch {
         self.candidates.len()
     }
 
-    /// Takes the answer of the node being asked.
-    pub fn on_answer(&mut self, answer: Answer) -> FetchStep {
+    /// Takes the answer of the node being asked; a lead it gives is followed only if
+    /// `member` knows the address.
+    pub fn on_answer(&mut self, answer: Answer, member: impl Fn(&str) -> bool) -> FetchStep {
         let Ok(reply) = answer else {
             return self.next();
         };
         match reply.outcome() {
             Outcome::Found | Outcome::Owned => FetchStep::Done(Some(reply)),
             Outcome::Absent => {
-                if !reply.moved_to.is_empty() {
+                if !reply.moved_to.is_empty() && member(&reply.moved_to) {
                     // It went on from there: follow it.
                     push_node(&mut self.candidates, node_at(reply.moved_to));
                 }
@@ -342,7 +352,7 @@ mod tests {
         let (mut fetch, mut step) = Fetch::start(candidates.iter().map(|c| node(c)).collect());
         let mut log = vec![asked(&step)];
         for answer in answers {
-            step = fetch.on_answer(answer);
+            step = fetch.on_answer(answer, |_| true);
             log.push(asked(&step));
         }
         log
@@ -356,7 +366,7 @@ mod tests {
             version: 3,
             ..Default::default()
         };
-        let route = |facts: TopicFacts<'_>| super::route(facts, 2, others);
+        let route = |facts: TopicFacts<'_>| super::route(facts, 2, others, |_| true);
         assert_eq!(
             route(TopicFacts {
                 owns: false,
@@ -470,22 +480,69 @@ mod tests {
 
     #[test]
     fn a_take_is_owned_busy_or_handed_over() {
-        assert_eq!(take_verdict(true, 4, 4, false, true), TakeVerdict::Owned);
+        assert_eq!(take_verdict(true, 4, 0, 4, false, true), TakeVerdict::Owned);
         assert_eq!(
-            take_verdict(true, 4, 5, false, true),
+            take_verdict(true, 4, 5, 5, false, true),
             TakeVerdict::HandOver { mark_moved: true },
-            "the asker has a newer ring"
+            "the asker has a newer ring, which a gateway mentioned"
         );
-        assert_eq!(take_verdict(false, 4, 4, true, false), TakeVerdict::Busy);
+        assert_eq!(take_verdict(false, 4, 0, 4, true, false), TakeVerdict::Busy);
         assert_eq!(
-            take_verdict(false, 4, 4, false, false),
+            take_verdict(false, 4, 0, 4, false, false),
             TakeVerdict::HandOver { mark_moved: false },
             "nothing held, same ring: nothing to remember"
         );
         assert_eq!(
-            take_verdict(false, 4, 9, false, false),
+            take_verdict(false, 4, 9, 9, false, false),
             TakeVerdict::HandOver { mark_moved: true },
             "refused here until this node reads ring 9"
+        );
+    }
+
+    #[test]
+    fn a_take_under_a_ring_nobody_mentioned_is_not_obeyed() {
+        // A peer's word alone would leave a tombstone every later request is refused with.
+        assert_eq!(
+            take_verdict(true, 4, 4, u64::MAX, false, true),
+            TakeVerdict::Busy
+        );
+        assert_eq!(take_verdict(false, 4, 6, 7, false, true), TakeVerdict::Busy);
+        assert_eq!(
+            take_verdict(false, 4, 7, 7, false, true),
+            TakeVerdict::HandOver { mark_moved: true }
+        );
+    }
+
+    #[test]
+    fn leads_outside_the_rings_are_not_followed() {
+        let facts = TopicFacts {
+            owns: true,
+            version: 3,
+            hint: Some("evil:1"),
+            previous_owners: vec![node("p")],
+            ..Default::default()
+        };
+        let member = |a: &str| a != "evil:1";
+        let Route::Fetch(nodes) = route(facts, 8, |_| vec![], member) else {
+            panic!("fetches from the previous owner")
+        };
+        let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+        assert_eq!(addrs, ["p:1"]);
+        let only_evil = TopicFacts {
+            owns: true,
+            version: 3,
+            hint: Some("evil:1"),
+            ..Default::default()
+        };
+        assert_eq!(
+            route(only_evil, 8, |_| vec![], member),
+            Route::Serve,
+            "starts afresh"
+        );
+        let (mut fetch, _) = Fetch::start(vec![node("a")]);
+        assert_eq!(
+            fetch.on_answer(absent_gone_to("evil:1"), member),
+            FetchStep::Done(None)
         );
     }
 

@@ -116,6 +116,18 @@ impl Ownership {
         }
     }
 
+    /// Whether `addr` is the address of a node of the ring in force or of one this node
+    /// remembers: the only addresses it dials (a request's or a peer's word is not enough).
+    pub fn knows_addr(&self, addr: &str) -> bool {
+        let Ownership::Ring { rings, .. } = self else {
+            return false;
+        };
+        let rings = rings.load();
+        std::iter::once(&rings.current)
+            .chain(&rings.previous)
+            .any(|ring| ring.nodes().iter().any(|n| n.addr == addr))
+    }
+
     /// The other nodes of the ring in force, but those in `except`.
     pub fn others(&self, except: &[NodeSpec]) -> Vec<NodeSpec> {
         let Ownership::Ring { node_id, rings, .. } = self else {

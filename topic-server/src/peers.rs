@@ -1,6 +1,7 @@
 //! gRPC clients to other topic servers, for handing topics over (`Take`).
 
 use parking_lot::Mutex;
+use ringcast_proto::auth::ClusterSecret;
 use ringcast_proto::{TakeReply, TakeRequest, TopicServerClient, batch};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -27,9 +28,18 @@ pub enum TakeError {
 #[derive(Debug, Default)]
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
+    /// Sent on every call: peers check it.
+    secret: ClusterSecret,
 }
 
 impl Peers {
+    pub fn new(secret: ClusterSecret) -> Peers {
+        Peers {
+            channels: Mutex::default(),
+            secret,
+        }
+    }
+
     fn channel(&self, addr: &str) -> Result<Channel, TakeError> {
         let mut channels = self.channels.lock();
         if let Some(channel) = channels.get(addr) {
@@ -57,6 +67,8 @@ impl Peers {
         let mut client = TopicServerClient::new(self.channel(addr)?)
             .max_decoding_message_size(batch::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(batch::MAX_MESSAGE_BYTES);
+        let mut request = tonic::Request::new(request);
+        self.secret.attach(&mut request);
         match tokio::time::timeout(TAKE_TIMEOUT, client.take(request)).await {
             Ok(Ok(reply)) => Ok(reply.into_inner()),
             Ok(Err(status)) => Err(TakeError::Refused(addr.to_owned(), status)),

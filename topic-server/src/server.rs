@@ -12,6 +12,7 @@ use ringcast_proto::{DownBatch, TakeReply, TakeRequest, TopicServer, TopicServer
 use ringcast_ring::watcher;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -73,6 +74,7 @@ pub async fn run(
             log: config.log,
             max_topics: config.max_topics,
             max_held_bytes: config.max_log_total,
+            peer_secret: config.cluster_secret.clone(),
         },
         shutdown.child_token(),
     );
@@ -81,6 +83,12 @@ pub async fn run(
     let grpc = TopicServerServer::new(GrpcTopicServer(service.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
+    // Every call, `Attach` and `Take` alike, must come from a member of the cluster.
+    let secret = config.cluster_secret.clone();
+    let grpc = InterceptedService::new(grpc, move |request: Request<()>| {
+        secret.check(&request)?;
+        Ok(request)
+    });
     // The ring file is watched (and re-read on SIGHUP); only newer versions apply.
     let ring_watch = watcher::spawn(
         config.ring_source.clone(),

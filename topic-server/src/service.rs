@@ -54,6 +54,8 @@ pub struct ServiceLimits {
     pub max_topics: usize,
     /// Bytes held for topics (logs and names) over which new topics are refused.
     pub max_held_bytes: usize,
+    /// The cluster secret sent on calls to peers (`Take`).
+    pub peer_secret: ringcast_proto::auth::ClusterSecret,
 }
 
 impl Default for ServiceLimits {
@@ -63,6 +65,7 @@ impl Default for ServiceLimits {
             log: LogLimits::default(),
             max_topics: 1_000_000,
             max_held_bytes: 1 << 30,
+            peer_secret: Default::default(),
         }
     }
 }
@@ -305,7 +308,7 @@ impl TopicService {
         let service = TopicService {
             shared: Arc::new(Shared {
                 shards,
-                peers: Peers::default(),
+                peers: Peers::new(limits.peer_secret.clone()),
                 newest_seen: NewestSeen::default(),
                 ownership,
                 limits,
@@ -410,8 +413,12 @@ impl TopicService {
     /// peer): its epoch, offset and log; its gateways here are told it moved.
     pub fn take(&self, request: TakeRequest) -> TakeReply {
         let s = &self.shared;
-        s.heard_of(request.ring_version);
+        // What any gateway or peer mentioned before this request: its own word does not count.
+        let heard = s.newest_seen.newest();
         let (ours, topic) = (s.ownership.version(), request.topic.as_str());
+        if request.ring_version > ours.max(heard) {
+            tracing::warn!(%topic, asker = %request.node_id, theirs = request.ring_version, ours, heard, "a Take names a ring nobody has mentioned: not obeyed");
+        }
         let mut shard = s.shard(topic).lock();
         let reply = |outcome: Outcome| TakeReply {
             outcome: outcome as i32,
@@ -421,6 +428,7 @@ impl TopicService {
         let verdict = handoff::take_verdict(
             s.ownership.owns(topic),
             ours,
+            heard,
             request.ring_version,
             shard.parked.contains_key(topic),
             shard.registry.contains(topic),
@@ -432,9 +440,12 @@ impl TopicService {
         };
         let handoff = shard.registry.take(topic, Instant::now());
         shard.sync(&s.totals);
+        s.heard_of(request.ring_version);
         if mark_moved {
-            // Refused here until this node reads that ring; a lead if a ring gives it back.
-            let to = (!request.addr.is_empty()).then(|| request.addr.clone());
+            // Refused here until this node reads that ring; a lead if a ring gives it back
+            // (only an address of the rings this node knows).
+            let to = (!request.addr.is_empty() && s.ownership.knows_addr(&request.addr))
+                .then(|| request.addr.clone());
             shard
                 .registry
                 .mark_moved(topic, request.ring_version, to, Instant::now());
@@ -673,7 +684,9 @@ impl Shared {
         // waiting publish answers with an ack and a delivery): later ones are refused, and
         // the gateway answers `unavailable` (phoenix.js retries a join by itself).
         let park_limit = self.limits.stream_queue / 4;
-        match handoff::route(facts, park_limit, |known| self.ownership.others(known)) {
+        let others = |known: &[NodeSpec]| self.ownership.others(known);
+        let member = |addr: &str| self.ownership.knows_addr(addr);
+        match handoff::route(facts, park_limit, others, member) {
             Route::WrongOwner(version) => self.wrong_owner(link, request, version),
             Route::Serve => self.serve(&mut shard, link, request),
             Route::Park => {
@@ -829,7 +842,9 @@ impl Shared {
             if let Err(e) = &answer {
                 tracing::warn!(%topic, owner = %owner.id, error = %e, "cannot fetch a moved topic from its previous owner");
             }
-            step = fetch.on_answer(answer.map_err(|_| ()));
+            step = fetch.on_answer(answer.map_err(|_| ()), |addr| {
+                self.ownership.knows_addr(addr)
+            });
         };
         tracing::debug!(%topic, asked = fetch.candidates(), found = found.is_some(), "moved topic fetched");
         let mut shard = self.shard(&topic).lock();

@@ -39,6 +39,8 @@ pub enum Connector {
         addr: String,
         keepalive: Duration,
         max_message_bytes: usize,
+        /// The cluster secret, sent with the attach.
+        secret: ringcast_proto::auth::ClusterSecret,
     },
     /// The topic-server core running in this process (single-node mode).
     InProcess(TopicService),
@@ -70,13 +72,14 @@ impl Connector {
                 addr,
                 keepalive,
                 max_message_bytes,
+                secret,
             } => {
                 // A peer that accepts the connection but never answers (a partition, a
                 // stopped process) must not hold the link: bound the whole attach.
                 let limit = Duration::from_secs(2) + *keepalive * 2;
                 tokio::time::timeout(
                     limit,
-                    Self::attach(addr, *keepalive, *max_message_bytes, up),
+                    Self::attach(addr, *keepalive, *max_message_bytes, secret, up),
                 )
                 .await
                 .map_err(|_| AttachError::Timeout(addr.clone(), limit))?
@@ -88,6 +91,7 @@ impl Connector {
         addr: &str,
         keepalive: Duration,
         max_message_bytes: usize,
+        secret: &ringcast_proto::auth::ClusterSecret,
         up: S,
     ) -> Result<DownStream, AttachError>
     where
@@ -109,8 +113,10 @@ impl Connector {
         let mut client = TopicServerClient::new(channel)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
+        let mut request = tonic::Request::new(up);
+        secret.attach(&mut request);
         let response = client
-            .attach(up)
+            .attach(request)
             .await
             .map_err(|s| AttachError::Refused(addr.to_owned(), s))?;
         Ok(response.into_inner().boxed())

@@ -46,6 +46,8 @@ pub struct ClusterConfig {
     pub max_message_bytes: usize,
     /// Threads of the links' own runtime (0: the current runtime).
     pub link_threads: usize,
+    /// Sent on every call to a topic server.
+    pub secret: ringcast_proto::auth::ClusterSecret,
 }
 
 /// The handle sessions and the status endpoints use.
@@ -59,6 +61,7 @@ pub struct Cluster {
     embedded: bool,
     keepalive: Duration,
     max_message_bytes: usize,
+    secret: ringcast_proto::auth::ClusterSecret,
     /// Parent of every link's stop token.
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -97,6 +100,7 @@ impl Cluster {
             embedded: ring.is_none(),
             keepalive: config.keepalive,
             max_message_bytes: config.max_message_bytes,
+            secret: config.secret,
             stop,
             tasks,
             runtime: runtime::LinkRuntime::start(config.link_threads)?,
@@ -123,6 +127,7 @@ impl Cluster {
             addr: node.addr.clone(),
             keepalive: self.keepalive,
             max_message_bytes: self.max_message_bytes,
+            secret: self.secret.clone(),
         };
         self.spawn_link(node.id.as_str().into(), connector)
     }
