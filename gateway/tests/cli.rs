@@ -28,6 +28,17 @@ fn help_lists_every_variable() {
         "GATEWAY_IDLE_TIMEOUT_SECS",
         "GATEWAY_TOPICS",
         "GATEWAY_KEEPALIVE_SECS",
+        "GATEWAY_ADMIN_LISTEN",
+        "GATEWAY_AUTH",
+        "GATEWAY_JWT_SECRETS",
+        "GATEWAY_JWT_PUBLIC_KEYS",
+        "GATEWAY_ALLOWED_ORIGINS",
+        "GATEWAY_CLIENT_RATE",
+        "GATEWAY_JOIN_RATE",
+        "GATEWAY_WRITE_TIMEOUT_SECS",
+        "GATEWAY_MAX_OUTBOUND_BYTES",
+        "GATEWAY_MAX_PENDING_HTTP",
+        "CLUSTER_SECRET",
     ] {
         assert!(help.contains(var), "--help does not mention {var}:\n{help}");
     }
@@ -47,6 +58,32 @@ fn bad_values_name_their_variable() {
         (&[("RING_NODES", "ts-a=127.0.0.1:0")], "RING_NODES"),
         (&[("RING_CONFIG", "/nonexistent/ring.toml")], "RING_CONFIG"),
         (&[("GATEWAY_TOPICS", " , ")], "GATEWAY_TOPICS"),
+        // Protected mode: reachable beyond loopback with no keys, unless told it is open.
+        (&[("GATEWAY_LISTEN", "0.0.0.0:4999")], "protected mode"),
+        (&[("GATEWAY_LISTEN", "0.0.0.0:4999")], "GATEWAY_AUTH=none"),
+        (
+            &[("GATEWAY_AUTH", "jwt")],
+            "GATEWAY_AUTH=jwt needs GATEWAY_JWT_SECRETS",
+        ),
+        (&[("GATEWAY_AUTH", "maybe")], "GATEWAY_AUTH"),
+        (
+            &[("GATEWAY_JWT_SECRETS", "k1:short")],
+            "GATEWAY_JWT_SECRETS",
+        ),
+        (
+            &[("GATEWAY_JWT_PUBLIC_KEYS", "k1:/nonexistent/key.pem")],
+            "GATEWAY_JWT_PUBLIC_KEYS",
+        ),
+        (&[("CLUSTER_SECRET", "short")], "CLUSTER_SECRET"),
+        (&[("GATEWAY_CLIENT_BURST", "0")], "GATEWAY_CLIENT_BURST"),
+        (
+            &[("GATEWAY_WRITE_TIMEOUT_SECS", "0")],
+            "GATEWAY_WRITE_TIMEOUT_SECS",
+        ),
+        (
+            &[("GATEWAY_MAX_OUTBOUND_BYTES", "10")],
+            "GATEWAY_MAX_OUTBOUND_BYTES",
+        ),
     ];
     // A port that is already taken: binding fails, and the error names the variable.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

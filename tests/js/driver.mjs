@@ -1,6 +1,7 @@
 // phoenix.js driver for the ringcast end-to-end tests.
 //
-// Usage: node driver.mjs ws://127.0.0.1:PORT/socket
+// Usage: node driver.mjs ws://127.0.0.1:PORT/socket ['{"params":{...},"authToken":"..."}']
+// (the optional JSON is given to phoenix.js's Socket: connect params, 1.8's authToken)
 // Reads one JSON command per line on stdin, writes one JSON event per line on stdout:
 //   {"op":"join","topic":T,"params":{...}}        -> join_ok / join_error / join_timeout
 //     with "recover": true, the channel keeps its position (epoch + offset, counting every
@@ -16,16 +17,19 @@ import WebSocket from "ws";
 import readline from "node:readline";
 
 const url = process.argv[2];
+const options = process.argv[3] ? JSON.parse(process.argv[3]) : {};
 const out = (event) => process.stdout.write(JSON.stringify(event) + "\n");
 
 // transport: WebSocket is required under Node, or phoenix.js falls back to long-polling.
 const socket = new Socket(url, {
+  ...options,
   transport: WebSocket,
   reconnectAfterMs: () => 100,
   rejoinAfterMs: () => 200,
 });
 socket.onOpen(() => out({ ev: "open" }));
 socket.onClose((e) => out({ ev: "close", code: e.code }));
+socket.onError(() => out({ ev: "socket_error" }));
 socket.connect();
 
 const channels = new Map();

@@ -42,10 +42,29 @@ impl NodeClient {
     /// Starts the driver against `socket_url` (`ws://host:port/socket`) and waits until the
     /// socket is open.
     pub async fn connect(socket_url: &str) -> NodeClient {
+        Self::connect_with(socket_url, Value::Null).await
+    }
+
+    /// As [`NodeClient::connect`], with phoenix.js Socket options (`{"params": {"token":
+    /// ...}}`, `{"authToken": ...}`).
+    pub async fn connect_with(socket_url: &str, options: Value) -> NodeClient {
+        let mut client = Self::start(socket_url, options).await;
+        client.expect("open").await;
+        client
+    }
+
+    /// Starts the driver without waiting for the socket to open (it may be refused).
+    pub async fn start(socket_url: &str, options: Value) -> NodeClient {
         ensure_npm_packages();
+        let options = if options.is_null() {
+            "{}".to_owned()
+        } else {
+            options.to_string()
+        };
         let mut child = Command::new("node")
             .arg(js_dir().join("driver.mjs"))
             .arg(socket_url)
+            .arg(options)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -54,13 +73,11 @@ impl NodeClient {
             .expect("start node");
         let stdin = child.stdin.take().expect("stdin");
         let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut client = NodeClient {
+        NodeClient {
             child,
             stdin,
             lines,
-        };
-        client.expect("open").await;
-        client
+        }
     }
 
     pub async fn send(&mut self, command: Value) {

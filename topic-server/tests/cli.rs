@@ -94,6 +94,39 @@ fn bad_values_name_their_variable() {
             ],
             "TOPIC_SERVER_LOG_BYTES",
         ),
+        // Protected mode: gRPC reachable beyond loopback with no cluster secret.
+        (
+            &[
+                ("TOPIC_SERVER_ID", "ts-a"),
+                ("RING_NODES", nodes),
+                ("TOPIC_SERVER_LISTEN", "0.0.0.0:7999"),
+            ],
+            "protected mode",
+        ),
+        (
+            &[
+                ("TOPIC_SERVER_ID", "ts-a"),
+                ("RING_NODES", nodes),
+                ("CLUSTER_SECRET", "short"),
+            ],
+            "CLUSTER_SECRET",
+        ),
+        (
+            &[
+                ("TOPIC_SERVER_ID", "ts-a"),
+                ("RING_NODES", nodes),
+                ("CLUSTER_AUTH", "secret"),
+            ],
+            "CLUSTER_AUTH=secret needs CLUSTER_SECRET",
+        ),
+        (
+            &[
+                ("TOPIC_SERVER_ID", "ts-a"),
+                ("RING_NODES", nodes),
+                ("TOPIC_SERVER_MAX_TOPICS", "0"),
+            ],
+            "TOPIC_SERVER_MAX_TOPICS",
+        ),
     ];
     for (env, needle) in cases {
         let out = topic_server(env, &[]);
