@@ -55,13 +55,26 @@ impl NodeClient {
 
     /// Starts the driver without waiting for the socket to open (it may be refused).
     pub async fn start(socket_url: &str, options: Value) -> NodeClient {
+        Self::start_in(None, socket_url, options).await
+    }
+
+    /// As [`NodeClient::start`], inside network namespace `netns` (`ip netns exec`).
+    pub async fn start_in(netns: Option<&str>, socket_url: &str, options: Value) -> NodeClient {
         ensure_npm_packages();
         let options = if options.is_null() {
             "{}".to_owned()
         } else {
             options.to_string()
         };
-        let mut child = Command::new("node")
+        let mut command = match netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns, "node"]);
+                command
+            }
+            None => Command::new("node"),
+        };
+        let mut child = command
             .arg(js_dir().join("driver.mjs"))
             .arg(socket_url)
             .arg(options)
