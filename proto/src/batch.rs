@@ -51,6 +51,7 @@ mod tests {
             payload: vec![b'x'; payload].into(),
             epoch: 1,
             offset: 1,
+            accepted_unix_micros: 0,
         })
     }
 

@@ -14,9 +14,9 @@ pub mod v1 {
 }
 
 pub use v1::{
-    Ack, Delivery, Down, DownBatch, Hello, LogEntry, Move, Moved, Position, Publish, Rejected,
-    Replay, Subscribe, TakeReply, TakeRequest, Unsubscribe, Up, UpBatch, WrongOwner, down,
-    take_reply,
+    Ack, Delivery, Disconnect, DisconnectUser, Down, DownBatch, Hello, History, Inspect, LogEntry,
+    Move, Moved, Position, Publish, Rejected, Replay, Subscribe, TakeReply, TakeRequest, TopicInfo,
+    Unsubscribe, Up, UpBatch, WrongOwner, down, take_reply,
     topic_server_client::TopicServerClient,
     topic_server_server::{TopicServer, TopicServerServer},
     up,
@@ -80,6 +80,18 @@ impl Down {
                 topic,
                 ring_version,
             })),
+        }
+    }
+
+    pub fn info(info: TopicInfo) -> Down {
+        Down {
+            kind: Some(down::Kind::Info(info)),
+        }
+    }
+
+    pub fn disconnect_user(sub: String) -> Down {
+        Down {
+            kind: Some(down::Kind::Disconnect(DisconnectUser { sub })),
         }
     }
 
@@ -147,8 +159,40 @@ impl Up {
                 event,
                 payload,
                 previous_owner: String::new(),
+                idempotency_key: String::new(),
             })),
         }
+    }
+
+    pub fn history(request_id: u64, topic: String, since: Option<Position>, limit: u32) -> Up {
+        Up {
+            kind: Some(up::Kind::History(History {
+                request_id,
+                topic,
+                since,
+                limit,
+            })),
+        }
+    }
+
+    pub fn inspect(request_id: u64, topic: String) -> Up {
+        Up {
+            kind: Some(up::Kind::Inspect(Inspect { request_id, topic })),
+        }
+    }
+
+    pub fn disconnect(request_id: u64, sub: String) -> Up {
+        Up {
+            kind: Some(up::Kind::Disconnect(Disconnect { request_id, sub })),
+        }
+    }
+
+    /// A publish the owner orders once per `key` (within its window).
+    pub fn with_idempotency_key(mut self, key: Option<String>) -> Up {
+        if let (Some(key), Some(up::Kind::Publish(p))) = (key, &mut self.kind) {
+            p.idempotency_key = key;
+        }
+        self
     }
 
     /// Names where the topic may still be if it moved (the owner under the sender's

@@ -98,6 +98,7 @@ impl Script {
             payload: n.to_string().into(),
             epoch,
             offset,
+            accepted_unix_micros: 0,
         }))
         .await;
     }

@@ -273,7 +273,7 @@ pub fn parked(
     version: u64,
     refused: Option<u64>,
 ) -> Parked {
-    if stream_ended && kind != RequestKind::Publish {
+    if stream_ended && !matches!(kind, RequestKind::Publish | RequestKind::Read) {
         return Parked::Drop;
     }
     match (kind, refused) {
@@ -291,6 +291,8 @@ pub enum RequestKind {
     Subscribe,
     Publish,
     Move,
+    /// A history or an inspection (the backend API): answered like a publish.
+    Read,
     Unsubscribe,
 }
 

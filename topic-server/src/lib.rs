@@ -11,6 +11,7 @@ pub mod log;
 pub mod ownership;
 mod peers;
 pub mod process;
+pub mod prom;
 pub mod registry;
 pub mod server;
 pub mod service;

@@ -198,6 +198,11 @@ impl TopicLog {
         self.bytes
     }
 
+    /// The offset of the oldest message held.
+    pub fn first_offset(&self) -> Option<u64> {
+        self.entries.front().map(|(_, m)| m.offset)
+    }
+
     fn last_offset(&self) -> Option<u64> {
         self.entries.back().map(|(_, m)| m.offset)
     }

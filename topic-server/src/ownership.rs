@@ -54,6 +54,19 @@ impl Ownership {
         }
     }
 
+    /// Whether this node is in the ring in force (always, without a ring).
+    pub fn in_ring(&self) -> bool {
+        match self {
+            Ownership::All => true,
+            Ownership::Ring { node_id, rings } => rings
+                .load()
+                .current
+                .nodes()
+                .iter()
+                .any(|n| n.id == *node_id),
+        }
+    }
+
     /// The ring version in force (0 when there is no ring).
     pub fn version(&self) -> u64 {
         match self {

@@ -7,7 +7,7 @@
 
 use crate::log::{Dropped, LogLimits, Message, TopicLog};
 use bytes::Bytes;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// A gateway-local subscriber id, chosen by the gateway.
@@ -61,7 +61,13 @@ struct Topic<G> {
     /// Subscribers grouped by the gateway that holds them: fan-out is one delivery per entry.
     gateways: Vec<(G, HashSet<SubscriberId>)>,
     log: TopicLog,
+    /// Idempotency keys of recent publishes, oldest first, with where each message went.
+    keys: VecDeque<(Box<str>, Position, Instant)>,
 }
+
+/// Idempotency keys remembered per topic, at most, and for how long.
+const KEYS_MAX: usize = 256;
+const KEYS_FOR: Duration = Duration::from_secs(300);
 
 impl<G> Topic<G> {
     fn position(&self) -> Position {
@@ -83,6 +89,27 @@ impl<G> Topic<G> {
 pub struct Published<'a, G> {
     pub position: Position,
     pub gateways: Vec<&'a G>,
+    /// The key was seen within the window: nothing was ordered, `position` is the first's.
+    pub repeated: bool,
+}
+
+/// What [`TopicRegistry::history`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub struct History {
+    /// The topic's position now (`epoch` 0 when it does not exist).
+    pub position: Position,
+    /// Every message after the position asked for, oldest first, at most the limit; `None`
+    /// when the log no longer holds all of them (or the epoch is another).
+    pub messages: Option<Vec<Message>>,
+}
+
+/// What [`TopicRegistry::info`] says of a topic.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Info {
+    pub position: Position,
+    pub subscribers: usize,
+    pub gateways: usize,
+    pub log_messages: usize,
 }
 
 /// A subscription made by [`TopicRegistry::subscribe`].
@@ -160,6 +187,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
                     offset: 0,
                     gateways: Vec::new(),
                     log: TopicLog::default(),
+                    keys: VecDeque::new(),
                 },
             );
         }
@@ -222,14 +250,35 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     }
 
     /// Appends a message to `topic` (created if needed): the next offset, kept in the log,
-    /// and the gateways with subscribers, one delivery each.
+    /// and the gateways with subscribers, one delivery each. With an idempotency `key` seen
+    /// for the topic within 5 minutes, nothing is appended: the first message's position
+    /// comes back, marked repeated.
     pub fn publish(
         &mut self,
         topic: &str,
         event: &str,
         payload: &Bytes,
+        key: Option<&str>,
         now: Instant,
     ) -> Published<'_, G> {
+        if let Some(key) = key
+            && let Some(state) = self.topics.get_mut(topic)
+        {
+            while state
+                .keys
+                .front()
+                .is_some_and(|(_, _, at)| now.saturating_duration_since(*at) > KEYS_FOR)
+            {
+                state.keys.pop_front();
+            }
+            if let Some((_, position, _)) = state.keys.iter().find(|(k, _, _)| &**k == key) {
+                return Published {
+                    position: *position,
+                    gateways: Vec::new(),
+                    repeated: true,
+                };
+            }
+        }
         let limits = self.limits;
         let state = self.topic_mut(topic);
         state.offset += 1;
@@ -241,6 +290,12 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         let size = message.event.len() + message.payload.len();
         let dropped = state.log.push(message, now, &limits);
         let position = state.position();
+        if let Some(key) = key {
+            if state.keys.len() >= KEYS_MAX {
+                state.keys.pop_front();
+            }
+            state.keys.push_back((key.into(), position, now));
+        }
         let idle = state.is_idle();
         self.logged.messages += 1;
         self.logged.bytes += size;
@@ -252,13 +307,57 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
             return Published {
                 position,
                 gateways: Vec::new(),
+                repeated: false,
             };
         }
         let state = &self.topics[topic];
         Published {
             position,
             gateways: state.gateways.iter().map(|(g, _)| g).collect(),
+            repeated: false,
         }
+    }
+
+    /// The messages of `topic` after `since` (the whole log without it), at most `limit`,
+    /// all or nothing as a recovery: `None` if the log no longer holds every one.
+    pub fn history(&self, topic: &str, since: Option<Position>, limit: usize) -> History {
+        let Some(state) = self.topics.get(topic) else {
+            let position = Position {
+                epoch: 0,
+                offset: 0,
+            };
+            let messages = since.is_none().then(Vec::new);
+            return History { position, messages };
+        };
+        let from = match since {
+            None => state.log.first_offset().map_or(state.offset, |o| o - 1),
+            Some(since) if since.epoch == state.epoch => since.offset,
+            Some(_) => {
+                return History {
+                    position: state.position(),
+                    messages: None,
+                };
+            }
+        };
+        let mut messages = state.log.since(from, state.offset);
+        if let Some(messages) = &mut messages {
+            messages.truncate(limit);
+        }
+        History {
+            position: state.position(),
+            messages,
+        }
+    }
+
+    /// What is held of `topic`, if it exists here.
+    pub fn info(&self, topic: &str) -> Option<Info> {
+        let state = self.topics.get(topic)?;
+        Some(Info {
+            position: state.position(),
+            subscribers: state.gateways.iter().map(|(_, s)| s.len()).sum(),
+            gateways: state.gateways.len(),
+            log_messages: state.log.len(),
+        })
     }
 
     /// Drops every subscription held by `gateway` (its stream ended). Returns how many.
@@ -355,6 +454,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
             offset,
             gateways: Vec::new(),
             log,
+            keys: VecDeque::new(),
         };
         self.topics.insert(topic.to_owned(), topic_state);
         true
@@ -433,7 +533,7 @@ mod tests {
     }
 
     fn publish(r: &mut TopicRegistry<&'static str>, topic: &str) -> (Position, Vec<&'static str>) {
-        let p = r.publish(topic, "e", &Bytes::from_static(b"{}"), Instant::now());
+        let p = r.publish(topic, "e", &Bytes::from_static(b"{}"), None, Instant::now());
         let mut gateways: Vec<&str> = p.gateways.iter().map(|g| **g).collect();
         gateways.sort();
         (p.position, gateways)
@@ -477,7 +577,7 @@ mod tests {
     fn a_topic_without_subscribers_keeps_its_log_then_expires() {
         let mut r = registry();
         let t0 = Instant::now();
-        let p = r.publish("t", "e", &Bytes::from_static(b"1"), t0);
+        let p = r.publish("t", "e", &Bytes::from_static(b"1"), None, t0);
         assert!(p.gateways.is_empty());
         let p = p.position;
         assert_eq!(p.offset, 1);
@@ -649,5 +749,63 @@ mod tests {
             !new.install("t", 1, 1, Vec::new(), now),
             "never over an existing topic"
         );
+    }
+
+    #[test]
+    fn an_idempotency_key_orders_a_message_once_within_its_window() {
+        let mut r: TopicRegistry<u8> =
+            TopicRegistry::new(EpochSource::new(1), LogLimits::default());
+        let t0 = Instant::now();
+        let body = Bytes::from_static(b"1");
+        let first = r.publish("t", "e", &body, Some("k"), t0).position;
+        let again = r.publish("t", "e", &body, Some("k"), t0 + Duration::from_secs(60));
+        assert!(again.repeated);
+        assert_eq!(again.position, first);
+        let other = r.publish("t", "e", &body, Some("k2"), t0).position;
+        assert_eq!(other.offset, first.offset + 1);
+        let later = r.publish("t", "e", &body, Some("k"), t0 + Duration::from_secs(301));
+        assert!(!later.repeated, "the window passed");
+        assert_eq!(later.position.offset, other.offset + 1);
+    }
+
+    #[test]
+    fn history_is_all_or_nothing_and_bounded() {
+        let limits = LogLimits {
+            messages: 3,
+            ..LogLimits::default()
+        };
+        let mut r: TopicRegistry<u8> = TopicRegistry::new(EpochSource::new(1), limits);
+        let t0 = Instant::now();
+        for n in 1..=5u8 {
+            r.publish("t", "e", &Bytes::from(vec![b'0' + n]), None, t0);
+        }
+        let epoch = r.position("t").unwrap().epoch;
+        let at = |offset| Some(Position { epoch, offset });
+        let offsets = |h: History| {
+            h.messages
+                .map(|m| m.iter().map(|m| m.offset).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            offsets(r.history("t", None, 10)),
+            Some(vec![3, 4, 5]),
+            "the whole log"
+        );
+        assert_eq!(offsets(r.history("t", at(2), 10)), Some(vec![3, 4, 5]));
+        assert_eq!(offsets(r.history("t", at(3), 1)), Some(vec![4]), "limited");
+        assert_eq!(offsets(r.history("t", at(1), 10)), None, "offset 2 is gone");
+        assert_eq!(offsets(r.history("t", at(5), 10)), Some(vec![]));
+        let other_epoch = Some(Position {
+            epoch: epoch + 1,
+            offset: 4,
+        });
+        assert_eq!(offsets(r.history("t", other_epoch, 10)), None);
+        let absent = r.history("nope", None, 10);
+        assert_eq!((absent.position.epoch, absent.messages), (0, Some(vec![])));
+        let info = r.info("t").unwrap();
+        assert_eq!(
+            (info.position.offset, info.log_messages, info.subscribers),
+            (5, 3, 0)
+        );
+        assert!(r.info("nope").is_none());
     }
 }

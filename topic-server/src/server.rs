@@ -1,15 +1,20 @@
-//! The topic server process: gRPC (gateways, other topic servers) on one listener, the
-//! status endpoint on the admin listener (loopback by default).
+//! The topic server process: gRPC (gateways, other topic servers) on one listener; on the
+//! admin listener (loopback by default) `/status`, `/metrics` (Prometheus), `/health/live`
+//! and `/health/ready` (in the ring in force).
 //!
 //! `run` is what the binary and the tests call; it returns when `shutdown` is cancelled
 //! and every gateway stream has been closed.
 
 use crate::config::Config;
+use crate::prom;
 use crate::service::{Ownership, ServiceLimits, TopicService};
+use axum::response::Response as HttpResponse;
 use axum::{Json, Router, extract::State, routing::get};
 use futures::StreamExt;
 use ringcast_proto::{DownBatch, TakeReply, TakeRequest, TopicServer, TopicServerServer, UpBatch};
 use ringcast_ring::watcher;
+use serde_json::json;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -103,11 +108,21 @@ pub async fn run(
             follower.set_ring(ring);
         }
     });
+    let mut registry = prom::registry("topic_server");
+    let values = service.clone();
+    registry.register_collector(Box::new(prom::Values(move || values.status().values())));
     let admin_routes = Router::new()
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route(
+            "/health/live",
+            get(|| async { Json(json!({"live": true})) }),
+        )
+        .route("/health/ready", get(ready))
         .with_state(StatusState {
             service: service.clone(),
             ring_watch,
+            registry: Arc::new(registry),
         });
     tracing::info!(admin = %admin.local_addr()?, "admin listening");
     let admin = tokio::spawn(
@@ -131,6 +146,13 @@ pub async fn run(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 stopping.cancelled().await;
+                if closer.in_ring() {
+                    tracing::warn!(
+                        "stopping while in the ring: gateways error this node's channels now; \
+                         to move its topics without loss, remove it from the ring first and stop \
+                         it once its handoffs are done (README: removing a node)"
+                    );
+                }
                 // Long-lived gateway streams would hold graceful shutdown open: end them.
                 closer.close_all().await;
             },
@@ -148,6 +170,15 @@ pub async fn run(
 struct StatusState {
     service: TopicService,
     ring_watch: watcher::RingWatch,
+    registry: Arc<prometheus_client::registry::Registry>,
+}
+
+async fn metrics(State(state): State<StatusState>) -> HttpResponse {
+    prom::render(&state.registry)
+}
+
+async fn ready(State(state): State<StatusState>) -> HttpResponse {
+    prom::readiness(state.service.not_ready())
 }
 
 async fn status(State(state): State<StatusState>) -> Json<crate::service::StatusSnapshot> {

@@ -14,6 +14,7 @@ use crate::handoff::{
 use crate::log::{LogLimits, Message};
 pub use crate::ownership::Ownership;
 use crate::peers::Peers;
+use crate::prom::Value;
 use crate::registry::{EpochSource, Position, TopicRegistry};
 use crate::shards::Shards;
 use futures::{Stream, StreamExt};
@@ -21,8 +22,8 @@ use parking_lot::Mutex;
 use ringcast_proto::batch;
 use ringcast_proto::take_reply::Outcome;
 use ringcast_proto::{
-    Delivery, Down, DownBatch, LogEntry, Move, Publish, Subscribe, TakeReply, TakeRequest,
-    Unsubscribe, Up, UpBatch, up,
+    Delivery, Down, DownBatch, History, Inspect, LogEntry, Move, Publish, Subscribe, TakeReply,
+    TakeRequest, Unsubscribe, Up, UpBatch, up,
 };
 use ringcast_ring::{NewestSeen, NodeSpec, Ring};
 use std::collections::HashMap;
@@ -130,6 +131,8 @@ pub struct Stats {
     pub parked_refused: AtomicU64,
     /// Requests refused because they would create a topic past the limits.
     pub topics_refused: AtomicU64,
+    /// Publishes with an idempotency key seen before: answered, not ordered again.
+    pub publishes_repeated: AtomicU64,
     /// Recovering joins refused (`unavailable`) for want of room on their gateway's stream.
     pub recoveries_deferred: AtomicU64,
     /// Subscriptions made with a recovery position: served from the log, or refused.
@@ -152,8 +155,11 @@ pub struct StatusSnapshot {
     /// Requests refused because they would create a topic past `TOPIC_SERVER_MAX_TOPICS` or
     /// `TOPIC_SERVER_MAX_LOG_TOTAL_BYTES`.
     pub topics_refused: u64,
-    /// Recovering joins answered `unavailable` for want of room on their gateway's stream.
+    /// Recovering joins (and history reads) answered `unavailable` for want of room on their
+    /// gateway's stream.
     pub recoveries_deferred: u64,
+    /// Publishes whose idempotency key was seen before: answered, not ordered again.
+    pub publishes_repeated: u64,
     /// Topics handed over and remembered (refused until this node reads their ring; leads).
     pub handed_over_remembered: usize,
     /// Why the last edit of the ring file was refused, while the file in place is not the
@@ -183,12 +189,145 @@ pub struct StatusSnapshot {
     pub moves: u64,
 }
 
+impl StatusSnapshot {
+    /// Every number of the snapshot, as `/metrics` shows it (the same meaning as in `/status`).
+    pub fn values(&self) -> Vec<Value> {
+        let g = |name, help, v: usize| Value::Gauge(name, help, v as i64);
+        let c = Value::Counter;
+        vec![
+            Value::Gauge(
+                "ring_version",
+                "The version of the ring in force.",
+                self.ring_version as i64,
+            ),
+            g(
+                "owned_topics",
+                "Topics held here that this node owns under its ring.",
+                self.owned_topics,
+            ),
+            g(
+                "fetching",
+                "Topics being fetched from their previous owner now.",
+                self.fetching,
+            ),
+            g(
+                "parked",
+                "Requests waiting for their topic's handoff now.",
+                self.parked,
+            ),
+            g(
+                "handed_over_remembered",
+                "Topics handed over and remembered.",
+                self.handed_over_remembered,
+            ),
+            g("topics", "Topics held here.", self.topics),
+            g(
+                "subscriptions",
+                "Subscriptions held here.",
+                self.subscriptions,
+            ),
+            g(
+                "log_messages",
+                "Messages held in topic logs.",
+                self.log_messages,
+            ),
+            g(
+                "log_bytes",
+                "Bytes held for topics (payloads, event and topic names).",
+                self.log_bytes,
+            ),
+            g("gateways", "Gateways attached now.", self.gateways.len()),
+            g("links_open", "Gateway streams open now.", self.links_open),
+            c("links", "Gateway streams opened.", self.links_total),
+            c(
+                "links_overflowed",
+                "Gateway streams closed for not reading.",
+                self.links_overflowed,
+            ),
+            c(
+                "subscriptions_dropped",
+                "Subscriptions dropped because their gateway's stream ended.",
+                self.subscriptions_dropped,
+            ),
+            c("publishes", "Messages ordered.", self.publishes),
+            c(
+                "publishes_repeated",
+                "Publishes with an idempotency key seen before (answered, not ordered again).",
+                self.publishes_repeated,
+            ),
+            c(
+                "deliveries",
+                "Deliveries sent to gateways (one per message per gateway).",
+                self.deliveries,
+            ),
+            c("batches", "Batches sent to gateways.", self.batches),
+            c(
+                "wrong_owner",
+                "Requests for topics this node does not own.",
+                self.wrong_owner,
+            ),
+            c(
+                "recoveries",
+                "Subscriptions made with a recovery position.",
+                self.recoveries,
+            ),
+            c(
+                "recoveries_refused",
+                "Recoveries the log could not serve in full.",
+                self.recoveries_refused,
+            ),
+            c(
+                "recoveries_deferred",
+                "Recoveries and history reads refused for want of room on their stream.",
+                self.recoveries_deferred,
+            ),
+            c(
+                "replayed",
+                "Messages replayed to recovering subscribers.",
+                self.replayed,
+            ),
+            c(
+                "handoffs_in",
+                "Topics fetched from their previous owner.",
+                self.handoffs_in,
+            ),
+            c(
+                "handoffs_out",
+                "Topics handed to a new owner.",
+                self.handoffs_out,
+            ),
+            c(
+                "handoffs_empty",
+                "Topics moved here whose previous owner had nothing.",
+                self.handoffs_empty,
+            ),
+            c(
+                "moves",
+                "Gateway moves of subscribers to this node.",
+                self.moves,
+            ),
+            c(
+                "parked_refused",
+                "Requests refused because too many waited for their topic's handoff.",
+                self.parked_refused,
+            ),
+            c(
+                "topics_refused",
+                "Requests refused because they would create a topic past the limits.",
+                self.topics_refused,
+            ),
+        ]
+    }
+}
+
 /// A request for one topic, as it may wait while the topic is fetched.
 #[derive(Debug)]
 enum TopicRequest {
     Subscribe(Subscribe),
     Publish(Publish),
     Move(Move),
+    History(History),
+    Inspect(Inspect),
     /// Waits only behind a parked join of the same topic, to stay in order after it.
     Unsubscribe(Unsubscribe),
 }
@@ -199,6 +338,8 @@ impl TopicRequest {
             TopicRequest::Subscribe(r) => &r.topic,
             TopicRequest::Publish(r) => &r.topic,
             TopicRequest::Move(r) => &r.topic,
+            TopicRequest::History(r) => &r.topic,
+            TopicRequest::Inspect(r) => &r.topic,
             TopicRequest::Unsubscribe(r) => &r.topic,
         }
     }
@@ -209,7 +350,9 @@ impl TopicRequest {
             TopicRequest::Subscribe(r) => &r.previous_owner,
             TopicRequest::Publish(r) => &r.previous_owner,
             TopicRequest::Move(r) => &r.previous_owner,
-            TopicRequest::Unsubscribe(_) => return None,
+            TopicRequest::History(_) | TopicRequest::Inspect(_) | TopicRequest::Unsubscribe(_) => {
+                return None;
+            }
         };
         (!hint.is_empty()).then_some(hint.as_str())
     }
@@ -219,6 +362,7 @@ impl TopicRequest {
             TopicRequest::Subscribe(_) => RequestKind::Subscribe,
             TopicRequest::Publish(_) => RequestKind::Publish,
             TopicRequest::Move(_) => RequestKind::Move,
+            TopicRequest::History(_) | TopicRequest::Inspect(_) => RequestKind::Read,
             TopicRequest::Unsubscribe(_) => RequestKind::Unsubscribe,
         }
     }
@@ -228,6 +372,8 @@ impl TopicRequest {
             TopicRequest::Subscribe(r) => r.request_id,
             TopicRequest::Publish(r) => r.request_id,
             TopicRequest::Move(r) => r.request_id,
+            TopicRequest::History(r) => r.request_id,
+            TopicRequest::Inspect(r) => r.request_id,
             TopicRequest::Unsubscribe(r) => r.request_id,
         }
     }
@@ -493,6 +639,23 @@ impl TopicService {
         self.shared.tasks.wait().await;
     }
 
+    /// Why this node should not be sent traffic now (`None`: ready): it is not in the ring
+    /// in force (not yet, or removed and handing its topics off).
+    pub fn not_ready(&self) -> Option<String> {
+        let ownership = &self.shared.ownership;
+        (!ownership.in_ring()).then(|| {
+            format!(
+                "not in the ring in force (version {}): its topics belong to other nodes",
+                ownership.version()
+            )
+        })
+    }
+
+    /// Whether this node is in the ring in force.
+    pub fn in_ring(&self) -> bool {
+        self.shared.ownership.in_ring()
+    }
+
     /// The status: counters kept as things happen, and per shard sums of O(1) figures. Only
     /// `owned_topics` (which asks the ring about every topic held) walks the topics, at most
     /// once a second, so that status requests cannot hold the locks publishes take.
@@ -549,6 +712,7 @@ impl TopicService {
             parked_refused: s.stats.parked_refused.load(Relaxed),
             topics_refused: s.stats.topics_refused.load(Relaxed),
             recoveries_deferred: s.stats.recoveries_deferred.load(Relaxed),
+            publishes_repeated: s.stats.publishes_repeated.load(Relaxed),
             handed_over_remembered: moved,
             ring_refused: None,
             topics,
@@ -665,9 +829,18 @@ impl Shared {
                 self.unsubscribe(&mut shard.registry, link, unsub);
                 return shard.sync(&self.totals);
             }
+            up::Kind::Disconnect(d) => {
+                // Every gateway attached here closes that user's sockets (the asker too).
+                for other in self.links.lock().iter() {
+                    self.send(other, Down::disconnect_user(d.sub.clone()));
+                }
+                return self.send(&link.0, Down::ack(d.request_id, 0, 0));
+            }
             up::Kind::Subscribe(r) => TopicRequest::Subscribe(r),
             up::Kind::Publish(r) => TopicRequest::Publish(r),
             up::Kind::Move(r) => TopicRequest::Move(r),
+            up::Kind::History(r) => TopicRequest::History(r),
+            up::Kind::Inspect(r) => TopicRequest::Inspect(r),
         };
         let topic = request.topic().to_owned();
         let mut shard = self.shard(&topic).lock();
@@ -724,8 +897,10 @@ impl Shared {
     fn serve(&self, shard: &mut Shard, link: &LinkRef, request: TopicRequest) {
         let shard = &mut shard.registry;
         let now = Instant::now();
-        let creates =
-            !matches!(request, TopicRequest::Unsubscribe(_)) && !shard.contains(request.topic());
+        let creates = matches!(
+            request,
+            TopicRequest::Subscribe(_) | TopicRequest::Publish(_) | TopicRequest::Move(_)
+        ) && !shard.contains(request.topic());
         if creates && self.full() {
             self.stats.topics_refused.fetch_add(1, Relaxed);
             let refused = Down::rejected(request.request_id(), "too many topics");
@@ -764,15 +939,22 @@ impl Shared {
             }
             TopicRequest::Unsubscribe(unsub) => self.unsubscribe(shard, link, unsub),
             TopicRequest::Publish(publish) => {
-                self.stats.publishes.fetch_add(1, Relaxed);
+                let key =
+                    (!publish.idempotency_key.is_empty()).then_some(&*publish.idempotency_key);
                 let published =
-                    shard.publish(&publish.topic, &publish.event, &publish.payload, now);
+                    shard.publish(&publish.topic, &publish.event, &publish.payload, key, now);
                 let Position { epoch, offset } = published.position;
                 // The publisher's ack goes first, so its reply precedes its own delivery.
                 self.send(&link.0, Down::ack(publish.request_id, epoch, offset));
+                if published.repeated {
+                    self.stats.publishes_repeated.fetch_add(1, Relaxed);
+                    return;
+                }
+                self.stats.publishes.fetch_add(1, Relaxed);
                 self.stats
                     .deliveries
                     .fetch_add(published.gateways.len() as u64, Relaxed);
+                let accepted_unix_micros = unix_micros();
                 for gateway in published.gateways {
                     let delivery = Delivery {
                         topic: publish.topic.clone(),
@@ -780,9 +962,47 @@ impl Shared {
                         payload: publish.payload.clone(),
                         epoch,
                         offset,
+                        accepted_unix_micros,
                     };
                     self.send(&gateway.0, Down::delivery(delivery));
                 }
+            }
+            TopicRequest::History(history) => {
+                let limit = (history.limit as usize).min(self.limits.log.messages.max(1));
+                // As a recovery: only with room on the gateway's stream for all of it.
+                if link.0.tx.capacity() <= limit + 2 {
+                    self.stats.recoveries_deferred.fetch_add(1, Relaxed);
+                    let refused = Down::rejected(history.request_id, "unavailable");
+                    return self.send(&link.0, refused);
+                }
+                let since = history.since.map(Position::from);
+                let found = shard.history(&history.topic, since, limit);
+                let Position { epoch, offset } = found.position;
+                let ack = match found.messages {
+                    Some(messages) => {
+                        for m in messages {
+                            let replay =
+                                Down::replay(history.request_id, m.event, m.payload, m.offset);
+                            self.send(&link.0, replay);
+                        }
+                        Down::recovered_ack(history.request_id, epoch, offset)
+                    }
+                    None => Down::ack(history.request_id, epoch, offset),
+                };
+                self.send(&link.0, ack);
+            }
+            TopicRequest::Inspect(inspect) => {
+                let info = shard.info(&inspect.topic);
+                let answer = ringcast_proto::TopicInfo {
+                    request_id: inspect.request_id,
+                    exists: info.is_some(),
+                    epoch: info.as_ref().map_or(0, |i| i.position.epoch),
+                    offset: info.as_ref().map_or(0, |i| i.position.offset),
+                    subscribers: info.as_ref().map_or(0, |i| i.subscribers as u64),
+                    gateways: info.as_ref().map_or(0, |i| i.gateways as u64),
+                    log_messages: info.as_ref().map_or(0, |i| i.log_messages as u64),
+                };
+                self.send(&link.0, Down::info(answer));
             }
         }
     }
@@ -918,7 +1138,16 @@ impl Shared {
             TopicRequest::Publish(r) => r.topic,
             TopicRequest::Move(r) => r.topic,
             TopicRequest::Unsubscribe(r) => r.topic,
+            TopicRequest::History(r) => r.topic,
+            TopicRequest::Inspect(r) => r.topic,
         };
         self.send(&link.0, Down::wrong_owner(id, topic, version));
     }
+}
+
+/// Now, in microseconds since the Unix epoch (deliveries carry it).
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
