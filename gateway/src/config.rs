@@ -65,6 +65,13 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// The cluster's shared secret, sent on every call to a topic server (`CLUSTER_SECRET`).
     pub cluster_secret: ringcast_proto::auth::ClusterSecret,
+    /// The backend API listener (`GATEWAY_API_LISTEN`); `None`: no API.
+    pub api_listen: Option<SocketAddr>,
+    /// Keys a backend API call may carry (`Authorization: Bearer <key>`); empty: every call
+    /// is refused (401).
+    pub api_keys: Vec<String>,
+    /// At SIGTERM, connections are closed (1012) evenly over this long (`GATEWAY_DRAIN_SECS`).
+    pub drain: Duration,
 }
 
 /// A token bucket's settings: `per_sec` sustained, `burst` at once (`per_sec` 0: unlimited).
@@ -113,6 +120,9 @@ impl Config {
             auth: crate::auth::Auth::Open,
             allowed_origins: Vec::new(),
             cluster_secret: Default::default(),
+            api_listen: None,
+            api_keys: Vec::new(),
+            drain: Duration::from_secs(10),
         }
     }
 
@@ -277,7 +287,26 @@ struct Cli {
         hide_env_values = true
     )]
     cluster_secret: Option<String>,
+    /// Address of the backend API listener (`/api/...`): unset, no API. Needs GATEWAY_API_KEYS.
+    #[arg(long, env = "GATEWAY_API_LISTEN", value_name = "GATEWAY_API_LISTEN")]
+    api_listen: Option<SocketAddr>,
+    /// Keys for the backend API, comma-separated (each at least 16 bytes; several at once
+    /// while one is rotated): `Authorization: Bearer <key>`.
+    #[arg(
+        long,
+        env = "GATEWAY_API_KEYS",
+        value_name = "GATEWAY_API_KEYS",
+        hide_env_values = true
+    )]
+    api_keys: Option<String>,
+    /// Seconds over which a draining gateway (SIGTERM) closes its connections, evenly; a
+    /// second SIGTERM closes the rest at once.
+    #[arg(long, env = "GATEWAY_DRAIN_SECS", value_name = "GATEWAY_DRAIN_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    drain_secs: u64,
 }
+
+/// Shortest backend API key, in bytes.
+pub const MIN_API_KEY_BYTES: usize = 16;
 
 /// `GATEWAY_AUTH`.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,6 +394,12 @@ impl Cli {
                 .map(str::to_owned)
                 .collect();
         }
+        config.drain = Duration::from_secs(self.drain_secs);
+        config.api_keys = api_keys(self.api_keys.as_deref())?;
+        config.api_listen = self.api_listen;
+        if config.api_listen.is_some() && config.api_keys.is_empty() {
+            return Err("GATEWAY_API_LISTEN is set but GATEWAY_API_KEYS is not: set the keys backends use (Authorization: Bearer <key>)".into());
+        }
         if let Some(topics) = self.topics {
             config.topic_patterns = topics
                 .split(',')
@@ -380,9 +415,36 @@ impl Cli {
     }
 }
 
+/// `GATEWAY_API_KEYS`: comma-separated, each long enough.
+fn api_keys(keys: Option<&str>) -> Result<Vec<String>, String> {
+    let keys: Vec<String> = keys
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned)
+        .collect();
+    match keys.iter().position(|k| k.len() < MIN_API_KEY_BYTES) {
+        Some(i) => Err(format!(
+            "GATEWAY_API_KEYS: key {} is shorter than {MIN_API_KEY_BYTES} bytes",
+            i + 1
+        )),
+        None => Ok(keys),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_keys_are_listed_and_checked() {
+        assert_eq!(api_keys(None).unwrap(), Vec::<String>::new());
+        let keys = api_keys(Some(" 0123456789abcdef , fedcba9876543210 ,")).unwrap();
+        assert_eq!(keys, ["0123456789abcdef", "fedcba9876543210"]);
+        let error = api_keys(Some("0123456789abcdef,short")).unwrap_err();
+        assert!(error.contains("GATEWAY_API_KEYS: key 2"), "{error}");
+    }
 
     #[test]
     fn topic_patterns() {

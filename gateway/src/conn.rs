@@ -79,8 +79,10 @@ pub struct Replayed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cut {
     SlowConsumer,
-    /// The gateway is shutting down.
+    /// The gateway is shutting down, or draining.
     Shutdown,
+    /// The backend disconnected the connection's user (`POST /api/disconnect`).
+    Disconnected,
 }
 
 /// The queue behind a connection's inbox.
@@ -160,11 +162,14 @@ impl ConnHandle {
         self.0.queue.lock().closed
     }
 
-    /// Cuts the connection (the first reason given is kept) and wakes its task.
-    pub fn cut(&self, reason: Cut) {
-        if self.0.cut.set(reason).is_ok() {
+    /// Cuts the connection (the first reason given is kept) and wakes its task; returns
+    /// whether this was the first cut.
+    pub fn cut(&self, reason: Cut) -> bool {
+        let first = self.0.cut.set(reason).is_ok();
+        if first {
             self.0.ready.notify_one();
         }
+        first
     }
 
     /// Why the connection was cut, if it was.
@@ -226,37 +231,84 @@ impl Drop for Inbox {
     }
 }
 
-/// The gateway's open connections, so that shutdown can cut them all (1012).
+/// The gateway's open connections, by id and by user: shutdown and drains cut them (1012),
+/// the backend API cuts a user's.
 #[derive(Debug)]
-pub struct Registry(Mutex<Option<HashMap<u64, ConnHandle>>>);
+pub struct Registry(Mutex<Option<Open>>);
+
+#[derive(Debug, Default)]
+struct Open {
+    conns: HashMap<u64, (ConnHandle, Option<Arc<str>>)>,
+    by_user: HashMap<Arc<str>, Vec<u64>>,
+}
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry(Mutex::new(Some(HashMap::new())))
+        Registry(Mutex::new(Some(Open::default())))
     }
 }
 
 impl Registry {
-    /// Adds a connection; once the gateway is shutting down, cuts it instead.
-    pub fn register(&self, conn: &ConnHandle) {
+    /// Adds a connection of `user`; once the gateway is shutting down, cuts it instead.
+    pub fn register(&self, conn: &ConnHandle, user: Option<&str>) {
         match &mut *self.0.lock() {
-            Some(conns) => {
-                conns.insert(conn.id(), conn.clone());
+            Some(open) => {
+                let user: Option<Arc<str>> = user.map(Arc::from);
+                if let Some(user) = &user {
+                    open.by_user
+                        .entry(user.clone())
+                        .or_default()
+                        .push(conn.id());
+                }
+                open.conns.insert(conn.id(), (conn.clone(), user));
             }
-            None => conn.cut(Cut::Shutdown),
+            None => {
+                conn.cut(Cut::Shutdown);
+            }
         }
     }
 
     pub fn deregister(&self, id: u64) {
-        if let Some(conns) = &mut *self.0.lock() {
-            conns.remove(&id);
+        let mut guard = self.0.lock();
+        let Some(open) = &mut *guard else { return };
+        let Some((_, Some(user))) = open.conns.remove(&id) else {
+            return;
+        };
+        if let Some(ids) = open.by_user.get_mut(&user) {
+            ids.retain(|&other| other != id);
+            if ids.is_empty() {
+                open.by_user.remove(&user);
+            }
         }
+    }
+
+    /// Cuts every connection of `user`; returns how many were not cut already.
+    pub fn disconnect_user(&self, user: &str) -> usize {
+        let guard = self.0.lock();
+        let Some(open) = &*guard else { return 0 };
+        let ids = open
+            .by_user
+            .get(user)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        ids.iter()
+            .filter_map(|id| open.conns.get(id))
+            .filter(|(conn, _)| conn.cut(Cut::Disconnected))
+            .count()
+    }
+
+    /// Closes the registry: every connection registered from now on is cut. Returns the open
+    /// ones, for the caller to cut (all at once at shutdown, a few at a time in a drain).
+    pub fn close(&self) -> Vec<ConnHandle> {
+        let open = self.0.lock().take().unwrap_or_default();
+        let mut conns: Vec<ConnHandle> = open.conns.into_values().map(|(c, _)| c).collect();
+        conns.sort_by_key(ConnHandle::id);
+        conns
     }
 
     /// Cuts every connection, and every one registered from now on.
     pub fn shut_down(&self) {
-        let conns = self.0.lock().take().unwrap_or_default();
-        for conn in conns.values() {
+        for conn in self.close() {
             conn.cut(Cut::Shutdown);
         }
     }
@@ -286,14 +338,36 @@ mod tests {
         let registry = Registry::default();
         let (a, _a_inbox) = ConnHandle::new(1, 4);
         let (b, _b_inbox) = ConnHandle::new(2, 4);
-        registry.register(&a);
-        registry.register(&b);
+        registry.register(&a, None);
+        registry.register(&b, None);
         registry.deregister(2);
         registry.shut_down();
         assert_eq!(a.cut_reason(), Some(Cut::Shutdown));
         assert_eq!(b.cut_reason(), None, "deregistered before shutdown");
         let (c, _c_inbox) = ConnHandle::new(3, 4);
-        registry.register(&c);
+        registry.register(&c, None);
         assert_eq!(c.cut_reason(), Some(Cut::Shutdown));
+    }
+
+    #[test]
+    fn a_user_is_disconnected_on_every_connection_of_theirs_only() {
+        let registry = Registry::default();
+        let conns: Vec<_> = (1..=4).map(|id| ConnHandle::new(id, 4)).collect();
+        registry.register(&conns[0].0, Some("alice"));
+        registry.register(&conns[1].0, Some("bob"));
+        registry.register(&conns[2].0, Some("alice"));
+        registry.register(&conns[3].0, None);
+        registry.deregister(3);
+        assert_eq!(
+            registry.disconnect_user("alice"),
+            1,
+            "one left after a deregister"
+        );
+        assert_eq!(registry.disconnect_user("alice"), 0, "cut already");
+        assert_eq!(registry.disconnect_user("carol"), 0);
+        let cuts: Vec<_> = conns.iter().map(|(c, _)| c.cut_reason()).collect();
+        assert_eq!(cuts, [Some(Cut::Disconnected), None, None, None]);
+        assert_eq!(registry.close().len(), 3);
+        assert_eq!(registry.disconnect_user("bob"), 0, "closed");
     }
 }

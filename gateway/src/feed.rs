@@ -35,6 +35,17 @@ struct Ring {
     /// Sequence number of `frames[0]`.
     first: u64,
     frames: VecDeque<Bytes>,
+    /// When the owner accepted each frame's message (microseconds since the Unix epoch; 0:
+    /// unknown), beside `frames`.
+    stamps: VecDeque<u64>,
+}
+
+/// What a reader took: how many frames, and when the owner accepted the oldest of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Read {
+    pub frames: usize,
+    /// Microseconds since the Unix epoch; 0: unknown or nothing read.
+    pub oldest: u64,
 }
 
 /// One subscription's place in its group's feed, shared by the fan-out (which wakes or
@@ -94,11 +105,13 @@ impl Feed {
         })
     }
 
-    /// Appends `frames` (one caller at a time: the index holds the topic's delivery lock);
-    /// returns the new head.
-    pub fn append(&self, frames: impl IntoIterator<Item = Bytes>) -> u64 {
+    /// Appends `frames` of messages the owner accepted at `stamp` (one caller at a time: the
+    /// index holds the topic's delivery lock); returns the new head.
+    pub fn append(&self, frames: impl IntoIterator<Item = Bytes>, stamp: u64) -> u64 {
         let mut ring = self.ring.write();
         ring.frames.extend(frames);
+        let added = ring.frames.len() - ring.stamps.len();
+        ring.stamps.extend(std::iter::repeat_n(stamp, added));
         let head = ring.first + ring.frames.len() as u64;
         let keep_from = self
             .passed
@@ -106,6 +119,7 @@ impl Feed {
             .max(head.saturating_sub(self.capacity.load(Relaxed) as u64));
         let drop = (keep_from.saturating_sub(ring.first) as usize).min(ring.frames.len());
         ring.frames.drain(..drop);
+        ring.stamps.drain(..drop);
         ring.first = ring.first.max(keep_from);
         self.head.store(head, SeqCst);
         head
@@ -147,11 +161,15 @@ impl Reader {
 
     /// Copies every frame after the cursor into `out` and moves the cursor past them, then
     /// parks once nothing more has come (the connection's side; one caller at a time).
-    /// Returns how many frames it read.
-    pub fn read(&self, out: &mut BytesMut) -> Result<usize, Lagged> {
-        let mut read = 0;
+    /// Returns how many frames it read, and the oldest one's stamp.
+    pub fn read(&self, out: &mut BytesMut) -> Result<Read, Lagged> {
+        let mut read = Read::default();
         loop {
-            read += self.take(out)?;
+            let took = self.take(out)?;
+            if read.frames == 0 {
+                read.oldest = took.oldest;
+            }
+            read.frames += took.frames;
             self.parked.store(true, SeqCst);
             // Either this sees an append that came after the take, or that append's
             // fan-out sees the reader parked and wakes it.
@@ -166,7 +184,7 @@ impl Reader {
         }
     }
 
-    fn take(&self, out: &mut BytesMut) -> Result<usize, Lagged> {
+    fn take(&self, out: &mut BytesMut) -> Result<Read, Lagged> {
         let ring = self.feed.ring.read();
         let cursor = self.cursor.load(Relaxed);
         if cursor < ring.first {
@@ -180,7 +198,8 @@ impl Reader {
             out.extend_from_slice(frame);
         }
         self.cursor.store(cursor + n as u64, Release);
-        Ok(n)
+        let oldest = if n > 0 { ring.stamps[from] } else { 0 };
+        Ok(Read { frames: n, oldest })
     }
 }
 
@@ -204,16 +223,16 @@ mod tests {
     #[test]
     fn a_reader_starts_at_the_end_and_is_woken_only_when_parked() {
         let feed = Arc::new(Feed::default());
-        feed.append(frames(&["a"]));
+        feed.append(frames(&["a"]), 0);
         let r = feed.reader(8);
         // Not parked yet (its join is still being answered): the append does not wake it.
-        let head = feed.append(frames(&["b", "c"]));
+        let head = feed.append(frames(&["b", "c"]), 0);
         assert_eq!(r.nudge(head), Nudge::None);
         assert_eq!(read(&r).unwrap(), "bc");
-        let head = feed.append(frames(&["d"]));
+        let head = feed.append(frames(&["d"]), 0);
         assert_eq!(r.nudge(head), Nudge::Wake);
         assert_eq!(r.nudge(head), Nudge::None, "woken once");
-        let head = feed.append(frames(&["e"]));
+        let head = feed.append(frames(&["e"]), 0);
         assert_eq!(r.nudge(head), Nudge::None, "not parked again yet");
         assert_eq!(read(&r).unwrap(), "de");
         assert_eq!(read(&r).unwrap(), "", "nothing new");
@@ -224,9 +243,9 @@ mod tests {
         let feed = Arc::new(Feed::default());
         let slow = feed.reader(2);
         let fast = feed.reader(16);
-        let head = feed.append(frames(&["a", "b"]));
+        let head = feed.append(frames(&["a", "b"]), 0);
         assert_eq!(slow.nudge(head), Nudge::None);
-        let head = feed.append(frames(&["c"]));
+        let head = feed.append(frames(&["c"]), 0);
         assert_eq!(slow.nudge(head), Nudge::Cut);
         assert_eq!(fast.nudge(head), Nudge::None);
         assert_eq!(
@@ -235,10 +254,35 @@ mod tests {
             "the feed keeps the largest capacity"
         );
         for _ in 0..20 {
-            feed.append(frames(&["x"]));
+            feed.append(frames(&["x"]), 0);
         }
         assert_eq!(read(&slow), Err(Lagged));
         assert_eq!(feed.held(), 16);
+    }
+
+    #[test]
+    fn a_read_reports_when_its_oldest_frame_was_accepted() {
+        let feed = Arc::new(Feed::default());
+        let r = feed.reader(8);
+        feed.append(frames(&["a"]), 5);
+        feed.append(frames(&["b", "c"]), 7);
+        let mut out = BytesMut::new();
+        assert_eq!(
+            r.read(&mut out),
+            Ok(Read {
+                frames: 3,
+                oldest: 5
+            })
+        );
+        feed.append(frames(&["d"]), 9);
+        assert_eq!(
+            r.read(&mut out),
+            Ok(Read {
+                frames: 1,
+                oldest: 9
+            })
+        );
+        assert_eq!(r.read(&mut out), Ok(Read::default()), "nothing new");
     }
 
     #[test]
@@ -246,15 +290,15 @@ mod tests {
         let feed = Arc::new(Feed::default());
         let a = feed.reader(100);
         let b = feed.reader(100);
-        feed.append(frames(&["1", "2", "3"]));
+        feed.append(frames(&["1", "2", "3"]), 0);
         read(&a).unwrap();
         feed.passed(a.cursor().min(b.cursor()));
-        feed.append(frames(&["4"]));
+        feed.append(frames(&["4"]), 0);
         assert_eq!(feed.held(), 4, "b has read nothing");
         assert_eq!(read(&b).unwrap(), "1234");
         read(&a).unwrap();
         feed.passed(a.cursor().min(b.cursor()));
-        feed.append(frames(&["5"]));
+        feed.append(frames(&["5"]), 0);
         assert_eq!(feed.held(), 1);
         assert_eq!(read(&a).unwrap(), "5");
         assert_eq!(read(&b).unwrap(), "5");
@@ -271,7 +315,7 @@ mod tests {
             let (feed, r) = (feed.clone(), r.clone());
             std::thread::spawn(move || {
                 for n in 0..20_000u32 {
-                    let head = feed.append([Bytes::from(format!("{n},"))]);
+                    let head = feed.append([Bytes::from(format!("{n},"))], 0);
                     if r.nudge(head) == Nudge::Wake {
                         wake_tx.send(()).unwrap();
                     }

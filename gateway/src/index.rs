@@ -75,6 +75,8 @@ pub struct Incoming<'a> {
     pub at: Position,
     pub event: &'a str,
     pub payload: &'a str,
+    /// When the owner accepted it (microseconds since the Unix epoch; 0: unknown).
+    pub accepted: u64,
 }
 
 /// What [`LocalIndex::deliver`] did with a run of messages.
@@ -338,6 +340,7 @@ impl LocalIndex {
                 frames
                     .iter()
                     .map(|f| ws::text_frame(&f.encode(key.vsn, key.join_ref.as_deref()))),
+                messages[0].accepted,
             );
             Metrics::add(&metrics.encodes, frames.len() as u64);
             let mut passed = head;
@@ -432,7 +435,12 @@ mod tests {
     }
 
     fn msg<'a>(at: Position, event: &'a str, payload: &'a str) -> Incoming<'a> {
-        Incoming { at, event, payload }
+        Incoming {
+            at,
+            event,
+            payload,
+            accepted: 0,
+        }
     }
 
     /// Waits (a second at most) for `conn` to be cut.

@@ -9,11 +9,13 @@
 //! reads the environment.
 
 pub mod admin;
+pub mod api;
 pub mod auth;
 pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod conn;
+pub mod drain;
 pub mod feed;
 pub mod http;
 pub mod index;
@@ -24,6 +26,12 @@ pub mod session;
 pub mod ws;
 
 pub use config::Config;
+
+impl Gateway {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
 pub use server::{Listeners, run};
 
 use std::sync::Arc;
@@ -44,8 +52,10 @@ pub struct Gateway {
     pub next_conn: AtomicU64,
     /// Cancelled when the gateway shuts down.
     pub shutdown: CancellationToken,
-    /// Open connections, cut (1012) at shutdown.
-    pub conns: conn::Registry,
+    /// Open connections: cut (1012) by a drain, or a user's by the backend API.
+    pub conns: Arc<conn::Registry>,
+    /// Set when the drain starts: readiness fails from then on.
+    pub draining: std::sync::atomic::AtomicBool,
     /// How often security events (clients closed for what they did) are logged.
     pub security_log: limits::LogLimit,
 }

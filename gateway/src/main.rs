@@ -1,4 +1,5 @@
-//! `gateway`: parse the environment, install tracing, serve until Ctrl-C or SIGTERM.
+//! `gateway`: parse the environment, install tracing, serve until Ctrl-C or SIGTERM (then
+//! drain; a second signal stops at once).
 
 use ringcast_gateway::{Config, Listeners, run};
 use ringcast_topic_server::process;
@@ -30,8 +31,18 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listeners = Listeners { public, admin };
-    match run(listeners, config, process::shutdown_on_signal()).await {
+    let api = match config.api_listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                eprintln!("gateway: GATEWAY_API_LISTEN {addr}: cannot listen: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let listeners = Listeners { public, admin, api };
+    match run(listeners, config, process::shutdown_on_signals()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gateway: {e:#}");

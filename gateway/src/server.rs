@@ -1,8 +1,8 @@
 //! The gateway process: the public listener (websockets, a health check), the admin
-//! listener, the cluster side, and orderly shutdown.
+//! listener, the backend API listener, the cluster side, and the drain at shutdown.
 //!
 //! `run` is what the binary and the tests call. Upgraded websockets are tracked here, and
-//! closed with 1012 at shutdown.
+//! closed with 1012 at shutdown, evenly over the drain time (`drain`).
 
 use crate::cluster::driver::Driver;
 use crate::cluster::{Cluster, ClusterConfig};
@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::http::ClientConn;
 use crate::index::LocalIndex;
 use crate::metrics::Metrics;
-use crate::{Gateway, admin, auth, http, session, ws};
+use crate::{Gateway, admin, api, auth, drain, http, session, ws};
 use axum::Router;
 use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
@@ -20,6 +20,7 @@ use axum::routing::get;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use ringcast_ring::watcher;
+use ringcast_topic_server::process::Shutdown;
 use ringcast_topic_server::{Ownership, ServiceLimits, TopicService};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,31 +44,44 @@ struct AppState {
 pub struct Listeners {
     /// Websockets (`/socket/websocket`) and `/health`: `GATEWAY_LISTEN`.
     pub public: TcpListener,
-    /// `/status`, `/ring`: `GATEWAY_ADMIN_LISTEN`.
+    /// `/status`, `/metrics`, `/health/*`, `/ring`: `GATEWAY_ADMIN_LISTEN`.
     pub admin: TcpListener,
+    /// The backend API (`/api/...`): `GATEWAY_API_LISTEN`, if set.
+    pub api: Option<TcpListener>,
 }
 
 impl Listeners {
-    /// Binds both on ephemeral loopback ports (tests, embedding).
+    /// Binds all three on ephemeral loopback ports (tests, embedding).
     pub async fn loopback() -> std::io::Result<Listeners> {
         Ok(Listeners {
             public: TcpListener::bind("127.0.0.1:0").await?,
             admin: TcpListener::bind("127.0.0.1:0").await?,
+            api: Some(TcpListener::bind("127.0.0.1:0").await?),
         })
     }
 }
 
-/// Serves until `shutdown` is cancelled, then closes every connection (1012) within the
-/// configured grace period.
+/// Serves until `shutdown.drain` is cancelled, then drains: readiness fails, the public
+/// listener closes, connections are closed (1012) evenly over the drain time (all at once
+/// if `shutdown.now` is cancelled), and the process stops once they are gone or the grace
+/// period after the drain has passed.
 pub async fn run(
     listeners: Listeners,
     config: Config,
-    shutdown: CancellationToken,
+    shutdown: impl Into<Shutdown>,
 ) -> anyhow::Result<()> {
+    let Shutdown {
+        drain: shutdown,
+        now,
+    } = shutdown.into();
     let Listeners {
         public: listener,
         admin: admin_listener,
+        api: api_listener,
     } = listeners;
+    // The admin and API listeners outlive the drain (readiness says "draining").
+    let stopped = CancellationToken::new();
+    let conns = Arc::new(crate::conn::Registry::default());
     // Connections; the links and the driver; the embedded core and the small tasks: each
     // group stops in turn at shutdown.
     let tracker = TaskTracker::new();
@@ -94,6 +108,7 @@ pub async fn run(
         cluster_config,
         index.clone(),
         metrics.clone(),
+        conns.clone(),
         links_stop.clone(),
         link_tasks.clone(),
         embedded_core,
@@ -116,7 +131,7 @@ pub async fn run(
     );
     link_tasks.spawn(driver.run(links_stop.clone()));
     let connections = Arc::new(Semaphore::new(config.max_connections));
-    let grace = config.shutdown_grace;
+    let (grace, drain_time) = (config.shutdown_grace, config.drain);
     let gateway = Arc::new(Gateway {
         config,
         cluster,
@@ -126,19 +141,14 @@ pub async fn run(
         next_sub: AtomicU64::new(1),
         next_conn: AtomicU64::new(1),
         shutdown: shutdown.clone(),
-        conns: Default::default(),
+        conns,
+        draining: Default::default(),
         security_log: crate::limits::LogLimit::new(10, 50),
     });
-    {
-        let gateway = gateway.clone();
-        background.spawn(async move {
-            gateway.shutdown.cancelled().await;
-            gateway.conns.shut_down();
-        });
-    }
     tracing::info!(
         addr = %listener.local_addr()?,
         admin = %admin_listener.local_addr()?,
+        api = ?api_listener.as_ref().and_then(|l| l.local_addr().ok()),
         gateway = %gateway.config.gateway_id,
         mode = if gateway.config.ring.is_some() { "ring" } else { "embedded" },
         ring_version = gateway.cluster.version(),
@@ -159,17 +169,39 @@ pub async fn run(
         )
         .with_state(state);
     let admin = axum::serve(admin_listener, admin::router(gateway.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        .with_graceful_shutdown(stopped.clone().cancelled_owned());
     let admin = tokio::spawn(async move { admin.await });
+    let api = api_listener.map(|api_listener| {
+        let api = axum::serve(api_listener, api::router(gateway.clone()))
+            .with_graceful_shutdown(stopped.clone().cancelled_owned());
+        tokio::spawn(async move { api.await })
+    });
     http::serve(listener, app, gateway.clone(), shutdown.clone()).await;
-    if let Ok(Err(e)) = admin.await {
-        tracing::warn!(error = %e, "admin listener failed");
-    }
 
-    // Connections see `shutdown` and close with 1012; give them the grace period.
+    // The drain: not ready, no new websockets (the listener is closed), then every
+    // connection closed with 1012, evenly over the drain time.
+    gateway.draining.store(true, Relaxed);
+    let open = gateway.conns.close();
+    tokio::select! {
+        () = drain::drain(open, drain_time, now.clone(), &gateway.metrics) => {}
+        // Every connection left by itself before its turn.
+        () = async { tracker.close(); tracker.wait().await } => {}
+    }
     tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!("connections did not close within the grace period");
+    tokio::select! {
+        result = tokio::time::timeout(grace, tracker.wait()) => if result.is_err() {
+            tracing::warn!("connections did not close within the grace period");
+        },
+        () = now.cancelled() => {}
+    }
+    stopped.cancel();
+    for (name, listener) in [("admin", Some(admin)), ("api", api)] {
+        if let Some(Ok(Err(e))) = match listener {
+            Some(task) => Some(task.await),
+            None => None,
+        } {
+            tracing::warn!(error = %e, "{name} listener failed");
+        }
     }
     links_stop.cancel();
     link_tasks.close();

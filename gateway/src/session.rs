@@ -6,14 +6,14 @@
 
 use crate::Gateway;
 use crate::auth::{Identity, TokenError};
-use crate::cluster::request::{Join, Publish};
+use crate::cluster::request::{Join, Publish, Reply};
 use crate::codec::{self, InFrame, Vsn};
 use crate::config::{MAX_EVENT_BYTES, Rate};
 use crate::conn::{ChannelEvent, ConnEvent, ConnHandle, Cut};
 use crate::feed::{Attached, Lagged, Reader};
 use crate::index::{GroupKey, Position};
 use crate::limits::TokenBucket;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, seconds_since};
 use crate::ws::Outbox;
 use bytes::BytesMut;
 use futures::task::AtomicWaker;
@@ -117,6 +117,8 @@ enum ChannelState {
     Joining {
         msg_ref: Option<Box<str>>,
         recover: Option<Position>,
+        /// When the join frame arrived (join latency).
+        since: Instant,
     },
     /// Live deliveries are read from the reader.
     Joined(Attached),
@@ -141,6 +143,8 @@ struct PublishReply {
     join_ref: Option<Box<str>>,
     msg_ref: Option<Box<str>>,
     topic: String,
+    /// When the publish frame arrived (publish latency).
+    since: Instant,
 }
 
 /// The protocol state of one connection.
@@ -285,7 +289,7 @@ impl Session {
                 return self.refuse(&f, "unauthorized", now, out);
             }
         };
-        let sent = self.send_join(&f).map(|mut channel| {
+        let sent = self.send_join(&f, now).map(|mut channel| {
             channel.may_publish = may_publish;
             channel
         });
@@ -318,7 +322,7 @@ impl Session {
 
     /// Sends a join of `f.topic` on its way (to the topic's feed here, or its owner); the
     /// channel that waits for the answer, or why it could not be sent.
-    fn send_join(&self, f: &InFrame<'_>) -> Result<Channel, &'static str> {
+    fn send_join(&self, f: &InFrame<'_>, now: Instant) -> Result<Channel, &'static str> {
         let gateway = &self.gateway;
         let topic = &f.topic;
         let recover = parse_recover(f.payload)?;
@@ -345,6 +349,7 @@ impl Session {
             state: ChannelState::Joining {
                 msg_ref: f.msg_ref.map(Box::from),
                 recover,
+                since: now,
             },
             replaces: None,
             may_publish: false,
@@ -436,11 +441,14 @@ impl Session {
         let token = self.next_token;
         self.next_token += 1;
         let publish = Publish {
-            conn: self.conn.clone(),
-            token,
+            reply: Reply::Channel {
+                conn: self.conn.clone(),
+                token,
+            },
             topic: f.topic.clone(),
             event,
             payload: bytes::Bytes::copy_from_slice(codec::compact(payload).as_bytes()),
+            idempotency_key: None,
         };
         if self.gateway.cluster.publish(publish).is_err() {
             return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unavailable", out);
@@ -449,6 +457,7 @@ impl Session {
             join_ref: f.join_ref.map(Box::from),
             msg_ref: f.msg_ref.map(Box::from),
             topic: f.topic.clone(),
+            since: now,
         };
         self.publishes.insert(token, reply);
         Metrics::inc(&self.gateway.metrics.publishes);
@@ -476,8 +485,13 @@ impl Session {
     fn drain_feed(&self, reader: &Reader, out: &mut Outbox) {
         let mut frames = BytesMut::new();
         match reader.read(&mut frames) {
-            Ok(_) => out.push(frames.freeze()),
-            Err(Lagged) => self.conn.cut(Cut::SlowConsumer),
+            Ok(read) => {
+                out.stamp(read.oldest);
+                out.push(frames.freeze());
+            }
+            Err(Lagged) => {
+                self.conn.cut(Cut::SlowConsumer);
+            }
         }
     }
 
@@ -503,10 +517,15 @@ impl Session {
                     // A join that was left or replaced while in flight.
                     return self.release_sub(&topic, sub, &node);
                 };
-                let ChannelState::Joining { msg_ref, recover } = std::mem::replace(
+                let ChannelState::Joining {
+                    msg_ref,
+                    recover,
+                    since,
+                } = std::mem::replace(
                     &mut channel.state,
                     ChannelState::Joined(Attached(reader.clone())),
-                ) else {
+                )
+                else {
                     return;
                 };
                 // Where it was accepted (a retry after a ring change may land elsewhere).
@@ -517,6 +536,11 @@ impl Session {
                 // Payloads are JSON text; a replay that is not would be delivered with holes.
                 let replay =
                     replay.filter(|r| r.iter().all(|m| std::str::from_utf8(&m.payload).is_ok()));
+                let metrics = &self.gateway.metrics;
+                metrics.join_latency.observe(seconds_since(since));
+                if let (Some(_), Some(replay)) = (recover, &replay) {
+                    metrics.replay_messages.observe(replay.len() as f64);
+                }
                 let response = match (recover, &replay) {
                     (Some(from), Some(_)) => codec::position(epoch, from.offset, Some(true)),
                     (Some(_), None) => codec::position(epoch, offset, Some(false)),
@@ -548,7 +572,9 @@ impl Session {
                     return;
                 }
                 let channel = self.channels.remove(&topic).expect("checked above");
-                if let ChannelState::Joining { msg_ref, .. } = &channel.state {
+                if let ChannelState::Joining { msg_ref, since, .. } = &channel.state {
+                    let latency = seconds_since(*since);
+                    self.gateway.metrics.join_latency.observe(latency);
                     let reply = codec::error_reply(
                         self.vsn,
                         channel.join_ref.as_deref(),
@@ -566,6 +592,8 @@ impl Session {
                 let Some(reply) = self.publishes.remove(&token) else {
                     return;
                 };
+                let latency = seconds_since(reply.since);
+                self.gateway.metrics.publish_latency.observe(latency);
                 let (join_ref, msg_ref) = (reply.join_ref.as_deref(), reply.msg_ref.as_deref());
                 let frame = match result {
                     Ok(at) => codec::reply(
@@ -710,7 +738,7 @@ pub async fn serve(
 ) {
     let id = gateway.next_conn.fetch_add(1, Relaxed);
     let (conn, mut inbox) = ConnHandle::new(id, gateway.config.client_queue);
-    gateway.conns.register(&conn);
+    gateway.conns.register(&conn, identity.sub.as_deref());
     // A connection token's expiry (and the leeway tokens get) closes the socket.
     let leeway = match &gateway.config.auth {
         crate::auth::Auth::Jwt { leeway, .. } => *leeway,
@@ -807,7 +835,13 @@ pub async fn serve(
             reason = conn.cut_requested() => break Some(close_for(reason, metrics)),
         };
         match written {
-            Ok(()) => {}
+            Ok(()) => {
+                let stamp = out.take_stamp();
+                if stamp != 0 {
+                    let micros = unix_micros().saturating_sub(stamp);
+                    metrics.delivery_latency.observe(micros as f64 / 1e6);
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 Metrics::inc(&metrics.slow_consumers);
                 break Some((close::TRY_AGAIN_LATER, "write timeout"));
@@ -905,6 +939,13 @@ async fn write_out(
     }
 }
 
+/// Now, in microseconds since the Unix epoch (the owners' stamps are on the same scale).
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// The close code and reason for a connection the gateway cuts.
 fn close_for(cut: Cut, metrics: &Metrics) -> (u16, &'static str) {
     match cut {
@@ -913,6 +954,7 @@ fn close_for(cut: Cut, metrics: &Metrics) -> (u16, &'static str) {
             (close::TRY_AGAIN_LATER, "slow consumer")
         }
         Cut::Shutdown => (close::RESTART, "server restart"),
+        Cut::Disconnected => (close::POLICY, "disconnected"),
     }
 }
 
@@ -934,7 +976,7 @@ fn read_error(e: WsError, metrics: &Metrics) -> Option<(u16, &'static str)> {
 /// Events a client may not broadcast, directly or inside a `publish`: Phoenix's control
 /// events (`phx_close` would close every subscriber's channel, `phx_error` make them all
 /// rejoin) and phoenix.js's reply events (`chan_reply_<ref>` resolves a pending push).
-fn reserved_event(event: &str) -> bool {
+pub(crate) fn reserved_event(event: &str) -> bool {
     event.starts_with("phx_") || event.starts_with("chan_reply_")
 }
 

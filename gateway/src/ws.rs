@@ -150,11 +150,26 @@ pub struct Outbox {
     queued: usize,
     /// Bytes written since the outbox was made.
     total_written: u64,
+    /// When the owner accepted the oldest delivery queued (microseconds since the Unix epoch;
+    /// 0: none), for the delivery latency once it is written.
+    oldest_stamp: u64,
 }
 
 impl Outbox {
     pub fn is_empty(&self) -> bool {
         self.chunks.is_empty()
+    }
+
+    /// Notes that deliveries accepted by their owner at `stamp` are queued.
+    pub fn stamp(&mut self, stamp: u64) {
+        if stamp != 0 && (self.oldest_stamp == 0 || stamp < self.oldest_stamp) {
+            self.oldest_stamp = stamp;
+        }
+    }
+
+    /// The oldest stamp queued since the last call (0: none).
+    pub fn take_stamp(&mut self) -> u64 {
+        std::mem::take(&mut self.oldest_stamp)
     }
 
     /// Bytes queued and not written yet.

@@ -50,6 +50,9 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The backend API key every test gateway accepts (unless its env sets GATEWAY_API_KEYS).
+pub const TEST_API_KEY: &str = "test-api-key-0123456789";
+
 /// A child process, killed when dropped. It can be stopped, paused and started again with
 /// the same environment (same port).
 #[derive(Debug)]
@@ -58,6 +61,8 @@ pub struct Proc {
     pub addr: SocketAddr,
     /// The admin listener (`/status`, `/ring`).
     pub admin: SocketAddr,
+    /// A gateway's backend API listener (with [`TEST_API_KEY`] unless the env set keys).
+    pub api: Option<SocketAddr>,
     binary: String,
     env: Vec<(String, String)>,
     child: Option<Child>,
@@ -83,10 +88,24 @@ impl Proc {
                 admin
             }
         };
+        let api = (binary == "gateway").then(|| {
+            if !env.iter().any(|(k, _)| k == "GATEWAY_API_KEYS") {
+                env.push(("GATEWAY_API_KEYS".into(), TEST_API_KEY.into()));
+            }
+            match env.iter().find(|(k, _)| k == "GATEWAY_API_LISTEN") {
+                Some((_, v)) => v.parse().expect("API address"),
+                None => {
+                    let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                    env.push(("GATEWAY_API_LISTEN".into(), api.to_string()));
+                    api
+                }
+            }
+        });
         let mut proc = Proc {
             name: name.to_owned(),
             addr,
             admin,
+            api,
             binary: binary.to_owned(),
             env,
             child: None,
@@ -200,6 +219,31 @@ impl Proc {
     /// A URL on the admin listener.
     pub fn http(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)
+    }
+
+    /// A URL on the gateway's backend API listener.
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.api.expect("a gateway's API"), path)
+    }
+
+    /// Calls the backend API with [`TEST_API_KEY`]: `body` is POSTed if given, else GET.
+    /// Returns the status and the JSON answer.
+    pub async fn api(&self, path: &str, body: Option<Value>) -> (u16, Value) {
+        let client = reqwest::Client::new();
+        let request = match body {
+            Some(body) => client.post(self.api_url(path)).json(&body),
+            None => client.get(self.api_url(path)),
+        };
+        let response = request
+            .bearer_auth(TEST_API_KEY)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{}: API {path}: {e}", self.name));
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("API answer");
+        let value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{}: API {path}: not JSON ({status}): {text}", self.name));
+        (status, value)
     }
 
     /// `GET /status` as JSON, or `None` while the process is not answering.

@@ -6,7 +6,7 @@
 //! and carries out the [`Action`]s it returns. Where a topic's feed is attached is read from
 //! the local index through [`Feeds`].
 
-use super::request::{Join, Move, Pending};
+use super::request::{Api, Join, Move, Pending, Reply};
 use crate::conn::{ChannelEvent, ConnHandle};
 use crate::index::{LocalSub, Position};
 use ringcast_ring::{NodeSpec, Ring};
@@ -121,6 +121,10 @@ pub enum Action {
         conn: ConnHandle,
         event: ChannelEvent,
     },
+    /// Tell a publisher (a client or an API call) its publish was not ordered.
+    RefusePublish { reply: Reply, reason: String },
+    /// Tell an API call it could not be answered.
+    RefuseApi { api: Api, reason: String },
     /// Close the link to a node that left the ring.
     Close(Arc<str>),
 }
@@ -480,12 +484,13 @@ impl Directory {
                     reason: reason.to_owned(),
                 },
             }),
-            Pending::Publish(p) => actions.push(Action::Tell {
-                conn: p.conn,
-                event: ChannelEvent::Published {
-                    token: p.token,
-                    result: Err(reason.to_owned()),
-                },
+            Pending::Publish(p) => actions.push(Action::RefusePublish {
+                reply: p.reply,
+                reason: reason.to_owned(),
+            }),
+            Pending::Api(api) => actions.push(Action::RefuseApi {
+                api,
+                reason: reason.to_owned(),
             }),
             Pending::Move(mv) => {
                 // The subscribers stay where they were, which is not the owner any more:
@@ -802,6 +807,13 @@ mod tests {
                 }
                 ChannelEvent::Joined { topic, .. } => format!("tell joined {topic}"),
             },
+            Action::RefusePublish { reply, reason } => match reply {
+                Reply::Channel { token, .. } => format!("refuse publish {token}: {reason}"),
+                Reply::Api(_) => format!("refuse api publish: {reason}"),
+            },
+            Action::RefuseApi { api, reason } => {
+                format!("refuse api {:?} {}: {reason}", api.ask, api.topic)
+            }
             Action::Close(node) => format!("close {node}"),
         }
     }
@@ -809,7 +821,8 @@ mod tests {
     fn request_text(request: &Pending) -> String {
         match request {
             Pending::Join(j) => format!("join {} {}", j.topic, j.sub),
-            Pending::Publish(p) => format!("publish {} {}", p.topic, p.token),
+            Pending::Publish(p) => format!("publish {}", p.topic),
+            Pending::Api(a) => format!("api {:?} {}", a.ask, a.topic),
             Pending::Move(m) => format!(
                 "move {} {:?} from {}@{}{}",
                 m.topic,
@@ -1090,11 +1103,14 @@ mod tests {
         let (conn, _inbox) = ConnHandle::new(1, 8);
         s.event(LinkEvent::Rejected {
             request: Pending::Publish(super::super::request::Publish {
-                conn: conn.clone(),
-                token: 4,
+                reply: Reply::Channel {
+                    conn: conn.clone(),
+                    token: 4,
+                },
                 topic: "t".into(),
                 event: "e".into(),
                 payload: bytes::Bytes::new(),
+                idempotency_key: None,
             }),
             reason: "unavailable".into(),
         });
@@ -1106,7 +1122,7 @@ mod tests {
         assert_eq!(
             s.take_log(),
             [
-                r#"tell publish 4: Err("unavailable")"#,
+                "refuse publish 4: unavailable",
                 "interrupt t [3] at a: gap detected",
             ]
         );

@@ -141,6 +141,8 @@ impl Driver {
             Action::Tell { conn, event } => {
                 conn.send(event.into());
             }
+            Action::RefusePublish { reply, reason } => reply.refuse(reason),
+            Action::RefuseApi { api, reason } => api.refuse(reason),
             Action::Close(node) => {
                 if let Some(link) = self.departed.remove(&node) {
                     link.stop();

@@ -8,7 +8,7 @@
 //! start, a request refused, the stream lost) goes to the driver as a [`LinkEvent`].
 
 use super::directory::LinkEvent;
-use super::request::{Join, Move, Pending, replay_is_complete};
+use super::request::{Answer, Join, Move, Pending, replay_is_complete};
 use super::rings::Rings;
 use crate::conn::{ChannelEvent, Replayed};
 use crate::index::{Delivered, Incoming, Inserted, LocalIndex, Position};
@@ -129,6 +129,8 @@ pub struct LinkShared {
     pub gateway_id: String,
     pub index: Arc<LocalIndex>,
     pub metrics: Arc<Metrics>,
+    /// The gateway's connections: a topic server may ask to close a user's.
+    pub conns: Arc<crate::conn::Registry>,
     /// Requests queued per link before new ones are refused as unavailable.
     pub queue: usize,
     /// The rings in force (written by the driver): ownership checks and previous-owner hints.
@@ -370,14 +372,19 @@ impl Link {
     fn deliver<'a>(
         &self,
         topic: &str,
-        run: impl IntoIterator<Item = (Position, &'a str, &'a [u8])>,
+        run: impl IntoIterator<Item = (Position, &'a str, &'a [u8], u64)>,
     ) {
         let index = &self.shared.index;
         let mut messages = Vec::new();
         let mut unreadable = None;
-        for (at, event, payload) in run {
+        for (at, event, payload, accepted) in run {
             match std::str::from_utf8(payload) {
-                Ok(payload) => messages.push(Incoming { at, event, payload }),
+                Ok(payload) => messages.push(Incoming {
+                    at,
+                    event,
+                    payload,
+                    accepted,
+                }),
                 Err(_) => {
                     unreadable = Some(at);
                     break;
@@ -437,7 +444,7 @@ impl Link {
                     epoch: d.epoch,
                     offset: d.offset,
                 };
-                (at, d.event.as_str(), &d.payload[..])
+                (at, d.event.as_str(), &d.payload[..], d.accepted_unix_micros)
             }),
         );
     }
@@ -460,13 +467,8 @@ impl Link {
                 match self.take_pending(ack.request_id) {
                     Some(Pending::Join(join)) => self.joined(join, at, ack.recovered),
                     Some(Pending::Move(mv)) => self.moved_here(mv, at, ack.recovered),
-                    Some(Pending::Publish(p)) => {
-                        let answer = ChannelEvent::Published {
-                            token: p.token,
-                            result: Ok(at),
-                        };
-                        p.conn.send(answer.into());
-                    }
+                    Some(Pending::Publish(p)) => p.reply.published(at),
+                    Some(Pending::Api(api)) => api.acked(at, ack.recovered),
                     Some(Pending::Unsubscribe { .. }) | None => {}
                 }
             }
@@ -486,6 +488,18 @@ impl Link {
                         request,
                         reason: rejected.reason,
                     });
+                }
+            }
+            down::Kind::Info(info) => {
+                if let Some(Pending::Api(api)) = self.take_pending(info.request_id) {
+                    let _ = api.reply.send(Ok(Answer::Info(info)));
+                }
+            }
+            down::Kind::Disconnect(user) => {
+                let cut = self.shared.conns.disconnect_user(&user.sub);
+                Metrics::add(&self.shared.metrics.disconnected, cut as u64);
+                if cut > 0 {
+                    tracing::info!(node = %self.node, connections = cut, "disconnected a user's connections");
                 }
             }
             down::Kind::Moved(moved) => {
@@ -579,7 +593,8 @@ impl Link {
                     epoch: at.epoch,
                     offset: r.offset,
                 };
-                (at, r.event.as_str(), &r.payload[..])
+                // Replayed: not timed (their latency is the move's, not a delivery's).
+                (at, r.event.as_str(), &r.payload[..], 0)
             }),
         );
         let attached = index.rehome(&mv.topic, &mv.from_node, &self.node);

@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
 use directory::{EMBEDDED_NODE, Feeds};
 use link::{Connector, Link, LinkShared};
-use request::{Join, Pending, Publish};
+use request::{Api, Join, Pending, Publish};
 use ringcast_ring::{NodeSpec, Ring};
 pub use rings::Rings;
 use std::collections::HashMap;
@@ -75,6 +75,7 @@ impl Cluster {
         config: ClusterConfig,
         index: Arc<LocalIndex>,
         metrics: Arc<Metrics>,
+        conns: Arc<crate::conn::Registry>,
         stop: CancellationToken,
         tasks: TaskTracker,
         embedded_core: Option<ringcast_topic_server::TopicService>,
@@ -85,6 +86,7 @@ impl Cluster {
             gateway_id: config.gateway_id,
             index,
             metrics,
+            conns,
             queue: config.queue,
             rings: Arc::new(ArcSwap::from_pointee(Rings {
                 current: ring.clone(),
@@ -205,6 +207,30 @@ impl Cluster {
                 }),
             None => Err(publish),
         }
+    }
+
+    /// Sends an API read to its topic's owner; handed back if the owner's link cannot take it.
+    #[allow(clippy::result_large_err)] // handed back to be answered, not boxed
+    pub fn ask(&self, api: Api) -> Result<(), Api> {
+        let node = self.owner(&api.topic);
+        match self.link(&node) {
+            Some(link) => self.ask_at(&link, api),
+            None => Err(api),
+        }
+    }
+
+    /// Sends an API call on `link`; handed back if the link cannot take it.
+    #[allow(clippy::result_large_err)] // handed back to be answered, not boxed
+    pub fn ask_at(&self, link: &Link, api: Api) -> Result<(), Api> {
+        link.request(Pending::Api(api)).map_err(|p| match p {
+            Pending::Api(api) => api,
+            _ => unreachable!("a link hands back the request it was given"),
+        })
+    }
+
+    /// The node that owns `topic` under the ring in force.
+    pub fn owner(&self, topic: &str) -> Arc<str> {
+        directory::owner(self.shared.rings.load().current.as_deref(), topic)
     }
 
     /// Drops subscription `sub` of `topic` at `node` (fire and forget).

@@ -1,10 +1,11 @@
 //! The requests a gateway sends its topic servers, as they wait for an answer: what is needed
 //! to send them again (at another node, after a ring change) and to tell their client.
 
-use crate::conn::{ConnHandle, Replayed};
+use crate::conn::{ChannelEvent, ConnHandle, Replayed};
 use crate::index::{GroupKey, Position};
-use ringcast_proto::Up;
+use ringcast_proto::{TopicInfo, Up};
 use std::sync::Arc;
+use tokio::sync::oneshot;
 
 /// A request waiting for its topic server's answer.
 #[derive(Debug)]
@@ -12,7 +13,12 @@ pub enum Pending {
     Join(Join),
     Publish(Publish),
     Move(Move),
-    Unsubscribe { topic: String, sub: u64 },
+    Unsubscribe {
+        topic: String,
+        sub: u64,
+    },
+    /// A backend API call (`api`) other than a publish.
+    Api(Api),
 }
 
 /// A client's join of `topic` as subscription `sub`.
@@ -27,14 +33,126 @@ pub struct Join {
     pub replay: Vec<Replayed>,
 }
 
-/// A client's publish; the answer goes back to its connection under `token`.
+/// A publish, from a client or the backend API.
 #[derive(Debug)]
 pub struct Publish {
-    pub conn: ConnHandle,
-    pub token: u64,
+    pub reply: Reply,
     pub topic: String,
     pub event: String,
     pub payload: bytes::Bytes,
+    /// The owner orders a publish once per key (within its window) and answers a repeat
+    /// with the first one's position.
+    pub idempotency_key: Option<String>,
+}
+
+/// Where a publish's answer goes.
+#[derive(Debug)]
+pub enum Reply {
+    /// The client's connection, under the publish's `token`.
+    Channel { conn: ConnHandle, token: u64 },
+    /// The API call waiting for it.
+    Api(ApiReply),
+}
+
+/// How an API call is answered: what the owner said, or why it could not be asked.
+pub type ApiReply = oneshot::Sender<Result<Answer, String>>;
+
+/// A topic server's answer to an API call.
+#[derive(Debug)]
+pub enum Answer {
+    Published(Position),
+    /// The topic's messages after the position asked for, if the log still held every one
+    /// (`complete`); none otherwise. `at`: the topic's position now.
+    History {
+        at: Position,
+        complete: bool,
+        messages: Vec<Replayed>,
+    },
+    Info(TopicInfo),
+    /// The topic server told every gateway attached to it.
+    Disconnected,
+}
+
+/// A backend API call for `topic` (a read), or for a user (a disconnect, sent to each node).
+#[derive(Debug)]
+pub struct Api {
+    pub topic: String,
+    pub ask: Ask,
+    pub reply: ApiReply,
+    /// History replayed so far, answered with the ack.
+    pub replay: Vec<Replayed>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ask {
+    History { since: Option<Position>, limit: u32 },
+    Inspect,
+    Disconnect { sub: String },
+}
+
+impl Reply {
+    /// Answers the publish: where the owner ordered it.
+    pub fn published(self, at: Position) {
+        match self {
+            Reply::Channel { conn, token } => {
+                conn.send(
+                    ChannelEvent::Published {
+                        token,
+                        result: Ok(at),
+                    }
+                    .into(),
+                );
+            }
+            Reply::Api(reply) => {
+                let _ = reply.send(Ok(Answer::Published(at)));
+            }
+        }
+    }
+
+    /// Tells the publisher why its publish was not ordered.
+    pub fn refuse(self, reason: String) {
+        match self {
+            Reply::Channel { conn, token } => {
+                let event = ChannelEvent::Published {
+                    token,
+                    result: Err(reason),
+                };
+                conn.send(event.into());
+            }
+            Reply::Api(reply) => {
+                let _ = reply.send(Err(reason));
+            }
+        }
+    }
+}
+
+impl Api {
+    pub fn new(topic: String, ask: Ask, reply: ApiReply) -> Api {
+        Api {
+            topic,
+            ask,
+            reply,
+            replay: Vec::new(),
+        }
+    }
+
+    /// The owner's ack: the history (with `recovered`: all of it) or the disconnect done.
+    pub fn acked(self, at: Position, recovered: bool) {
+        let answer = match self.ask {
+            Ask::History { .. } => Answer::History {
+                at,
+                complete: recovered,
+                messages: self.replay,
+            },
+            Ask::Disconnect { .. } => Answer::Disconnected,
+            Ask::Inspect => return self.refuse("unexpected answer".into()),
+        };
+        let _ = self.reply.send(Ok(answer));
+    }
+
+    pub fn refuse(self, reason: String) {
+        let _ = self.reply.send(Err(reason));
+    }
 }
 
 /// This gateway's subscribers of `topic`, attached at `from_node`, moving to the node the
@@ -60,6 +178,7 @@ impl Pending {
             Pending::Publish(p) => &p.topic,
             Pending::Move(m) => &m.topic,
             Pending::Unsubscribe { topic, .. } => topic,
+            Pending::Api(a) => &a.topic,
         }
     }
 
@@ -71,9 +190,17 @@ impl Pending {
             }
             Pending::Publish(p) => {
                 Up::publish(id, p.topic.clone(), p.event.clone(), p.payload.clone())
+                    .with_idempotency_key(p.idempotency_key.clone())
             }
             Pending::Move(m) => Up::move_here(id, m.topic.clone(), m.subs.clone(), m.from.into()),
             Pending::Unsubscribe { topic, sub } => Up::unsubscribe(id, topic.clone(), *sub),
+            Pending::Api(a) => match &a.ask {
+                Ask::History { since, limit } => {
+                    Up::history(id, a.topic.clone(), since.map(Into::into), *limit)
+                }
+                Ask::Inspect => Up::inspect(id, a.topic.clone()),
+                Ask::Disconnect { sub } => Up::disconnect(id, sub.clone()),
+            },
         }
     }
 
@@ -82,6 +209,7 @@ impl Pending {
         match self {
             Pending::Join(j) => j.replay.push(message),
             Pending::Move(m) => m.replay.push(message),
+            Pending::Api(a) => a.replay.push(message),
             Pending::Publish(_) | Pending::Unsubscribe { .. } => {}
         }
     }
