@@ -4,8 +4,12 @@
 #
 #   GATEWAY_PORTS=4000,4001        gateway ports (one gateway per port)
 #   TOPIC_SERVER_PORTS=7001,7002   topic-server ports (one topic server per port)
-#   GATEWAY_ADMIN_PORTS=...        the gateways' admin ports (/status, /ring; default: each port + 100)
-#   TOPIC_SERVER_ADMIN_PORTS=...   the topic servers' admin ports (/status; default: each port + 100)
+#   GATEWAY_ADMIN_PORTS=...        the gateways' admin ports (/status, /metrics, /health/*, /ring;
+#                                  default: each port + 100)
+#   GATEWAY_API_PORTS=...          the gateways' backend API ports (/api/...; default: each port + 200)
+#   GATEWAY_API_KEYS=...           keys for the backend API (default: a development key, printed)
+#   TOPIC_SERVER_ADMIN_PORTS=...   the topic servers' admin ports (/status, /metrics, /health/*;
+#                                  default: each port + 100)
 #   RING_FILE=target/cluster/ring.toml   the ring config the processes share (edit it to rebalance)
 #   RINGCAST_BIN_DIR=...           use these binaries instead of building target/release
 #   RUST_LOG=info                  log level of every process
@@ -34,6 +38,10 @@ ports TOPIC_SERVER_PORTS "$TOPIC_SERVER_PORTS" topic_ports
 plus100() { local p out=(); for p in "$@"; do out+=($((p + 100))); done; local IFS=,; echo "${out[*]}"; }
 ports GATEWAY_ADMIN_PORTS "${GATEWAY_ADMIN_PORTS:-$(plus100 "${gateway_ports[@]}")}" gateway_admin_ports
 ports TOPIC_SERVER_ADMIN_PORTS "${TOPIC_SERVER_ADMIN_PORTS:-$(plus100 "${topic_ports[@]}")}" topic_admin_ports
+plus200() { local p out=(); for p in "$@"; do out+=($((p + 200))); done; local IFS=,; echo "${out[*]}"; }
+ports GATEWAY_API_PORTS "${GATEWAY_API_PORTS:-$(plus200 "${gateway_ports[@]}")}" gateway_api_ports
+[ ${#gateway_api_ports[@]} -eq ${#gateway_ports[@]} ] || { echo "cluster.sh: GATEWAY_API_PORTS needs one port per gateway" >&2; exit 2; }
+export GATEWAY_API_KEYS=${GATEWAY_API_KEYS:-dev-api-key-change-me}
 [ ${#gateway_admin_ports[@]} -eq ${#gateway_ports[@]} ] || { echo "cluster.sh: GATEWAY_ADMIN_PORTS needs one port per gateway" >&2; exit 2; }
 [ ${#topic_admin_ports[@]} -eq ${#topic_ports[@]} ] || { echo "cluster.sh: TOPIC_SERVER_ADMIN_PORTS needs one port per topic server" >&2; exit 2; }
 
@@ -72,6 +80,7 @@ done
 for i in "${!gateway_ports[@]}"; do
   GATEWAY_ID="gw-$((i + 1))" GATEWAY_LISTEN="127.0.0.1:${gateway_ports[$i]}" \
     GATEWAY_ADMIN_LISTEN="127.0.0.1:${gateway_admin_ports[$i]}" RING_CONFIG="$RING_FILE" \
+    GATEWAY_API_LISTEN="127.0.0.1:${gateway_api_ports[$i]}" \
     "$bin/gateway" &
   pids+=($!)
 done
@@ -106,7 +115,9 @@ for port in "${gateway_admin_ports[@]}"; do wait_links "$port"; done
 echo
 echo "ringcast cluster is up (ring: $RING_FILE)"
 for i in "${!topic_ports[@]}"; do echo "  topic server  127.0.0.1:${topic_ports[$i]}   (status: http://127.0.0.1:${topic_admin_ports[$i]}/status)"; done
-for i in "${!gateway_ports[@]}"; do echo "  gateway       ws://127.0.0.1:${gateway_ports[$i]}/socket/websocket?vsn=2.0.0   (status: http://127.0.0.1:${gateway_admin_ports[$i]}/status)"; done
+for i in "${!gateway_ports[@]}"; do echo "  gateway       ws://127.0.0.1:${gateway_ports[$i]}/socket/websocket?vsn=2.0.0   (status: http://127.0.0.1:${gateway_admin_ports[$i]}/status, API: http://127.0.0.1:${gateway_api_ports[$i]}/api)"; done
+echo "Backend API key: ${GATEWAY_API_KEYS%%,*}   e.g."
+echo "  curl -H 'Authorization: Bearer ${GATEWAY_API_KEYS%%,*}' -d '{\"topic\":\"room:lobby\",\"event\":\"news\",\"payload\":{\"hi\":1}}' http://127.0.0.1:${gateway_api_ports[0]}/api/publish"
 echo "Ctrl-C stops the cluster."
 echo "READY"
 

@@ -555,6 +555,29 @@ async fn metrics_are_prometheus_text_and_move_with_traffic() {
         &[("links_total", "links")],
     );
 
+    // The Grafana dashboard in the repository asks only for metrics that exist.
+    let mut known = scrape(gw).await;
+    known.extend(scrape(ts).await);
+    let dashboard =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/grafana/ringcast.json");
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(dashboard).unwrap()).unwrap();
+    let mut asked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in metric_names(expr) {
+                let base = name.strip_suffix("_bucket").unwrap_or(&name);
+                assert!(
+                    known.contains_key(base) || known.contains_key(&format!("{base}_count")),
+                    "the dashboard asks for {name}, which no process exports"
+                );
+                asked += 1;
+            }
+        }
+    }
+    assert!(asked > 30, "{asked}");
+
     // A recovering join's replay size is observed: two missed messages.
     let mut p = WsClient::connect(&ws_url(gw.addr)).await;
     let epoch = p.join_ok("room:n", "1").await["epoch"].clone();
@@ -572,6 +595,21 @@ async fn metrics_are_prometheus_text_and_move_with_traffic() {
     let after = scrape(gw).await;
     assert_eq!(after["ringcast_gateway_replay_messages_count"], 1.0);
     assert_eq!(after["ringcast_gateway_replay_messages_sum"], 2.0);
+}
+
+/// The `ringcast_...` metric names in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("ringcast_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.push(name);
+    }
+    names
 }
 
 async fn ready(proc: &Proc) -> (u16, Value) {

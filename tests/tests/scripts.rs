@@ -20,6 +20,7 @@ async fn cluster_script_runs_the_transcript_and_stops_on_sigterm() {
     let gateways = [free_port(), free_port()];
     let topic_servers = [free_port(), free_port()];
     let bin_dir = bin_path("gateway").parent().unwrap().to_path_buf();
+    let api = [free_port(), free_port()];
     let mut script = Command::new("bash")
         .arg(repo().join("scripts/cluster.sh"))
         .env("GATEWAY_PORTS", format!("{},{}", gateways[0], gateways[1]))
@@ -35,6 +36,7 @@ async fn cluster_script_runs_the_transcript_and_stops_on_sigterm() {
             "TOPIC_SERVER_ADMIN_PORTS",
             format!("{},{}", free_port(), free_port()),
         )
+        .env("GATEWAY_API_PORTS", format!("{},{}", api[0], api[1]))
         .env("RING_FILE", dir.path().join("ring.toml"))
         .env("RINGCAST_BIN_DIR", &bin_dir)
         .env("RUST_LOG", "warn")
@@ -105,6 +107,26 @@ async fn cluster_script_runs_the_transcript_and_stops_on_sigterm() {
     assert_eq!(
         a.recv_text().await,
         r#"["1",null,"topics:matrix","event",{"message":"hello from the example"}]"#
+    );
+
+    // The backend API, with the development key the script prints.
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.contains("Bearer dev-api-key-change-me")),
+        "prints the API key and a curl example: {printed:?}"
+    );
+    let published = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/api/publish", api[1]))
+        .bearer_auth("dev-api-key-change-me")
+        .json(&serde_json::json!({"topic": "topics:matrix", "event": "news", "payload": {"from": "backend"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(published.status(), 200);
+    assert_eq!(
+        a.recv_text().await,
+        r#"["1",null,"topics:matrix","news",{"from":"backend"}]"#
     );
 
     let pid = script.id().unwrap();
