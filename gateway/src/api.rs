@@ -10,6 +10,8 @@
 //!   (all of it or nothing, as a recovery), or from its start.
 //! - `GET /api/topic?topic=`: the owner, the subscribers, the position.
 //! - `POST /api/disconnect` `{"sub"}`: closes that user's sockets on every gateway (1008).
+//! - `GET /api/presence?topic=`: the topic's presence, as `presence_state` shows it;
+//!   `GET /api/presence_stats?topic=`: its members and distinct keys.
 //!
 //! Errors are `{"error": {"code", "message"}}` with the matching HTTP status.
 
@@ -52,6 +54,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/api/history", get(history))
         .route("/api/topic", get(topic_info))
         .route("/api/disconnect", post(disconnect))
+        .route("/api/presence", get(presence))
+        .route("/api/presence_stats", get(presence_stats))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -434,7 +438,7 @@ async fn topic_info(
     let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
     check_topic(&g, &q.topic)?;
     let owner = g.cluster.owner(&q.topic);
-    let rx = send_read(&g, q.topic.clone(), Ask::Inspect);
+    let rx = send_read(&g, q.topic.clone(), Ask::Inspect { presence: false });
     let Answer::Info(info) = answer(rx).await? else {
         return Err(ApiError::refused("unexpected answer".into()));
     };
@@ -452,6 +456,45 @@ async fn topic_info(
         "subscribers": info.subscribers,
         "gateways": info.gateways,
         "log_messages": info.log_messages,
+    })))
+}
+
+/// The owner's answer about `topic`'s presence (404 if the topic is not held).
+async fn presence_info(
+    g: &Gateway,
+    query: Result<Query<TopicQuery>, axum::extract::rejection::QueryRejection>,
+    state: bool,
+) -> Result<(String, ringcast_proto::TopicInfo), ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
+    check_topic(g, &q.topic)?;
+    let rx = send_read(g, q.topic.clone(), Ask::Inspect { presence: state });
+    let Answer::Info(info) = answer(rx).await? else {
+        return Err(ApiError::refused("unexpected answer".into()));
+    };
+    if !info.exists {
+        return Err(ApiError::not_found(format!("no topic {:?}", q.topic)));
+    }
+    Ok((q.topic, info))
+}
+
+async fn presence(
+    State(g): State<Arc<Gateway>>,
+    query: Result<Query<TopicQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let (topic, info) = presence_info(&g, query, true).await?;
+    let state: Value = serde_json::from_slice(&info.presence).unwrap_or_else(|_| json!({}));
+    Ok(axum::Json(json!({"topic": topic, "presence": state})))
+}
+
+async fn presence_stats(
+    State(g): State<Arc<Gateway>>,
+    query: Result<Query<TopicQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let (topic, info) = presence_info(&g, query, false).await?;
+    Ok(axum::Json(json!({
+        "topic": topic,
+        "members": info.presence_members,
+        "keys": info.presence_keys,
     })))
 }
 

@@ -44,6 +44,9 @@ pub enum ChannelEvent {
         epoch: u64,
         offset: u64,
         replay: Option<Vec<Replayed>>,
+        /// The topic's presence for a join that asked: the event (`presence_state` or
+        /// `presence_stats`) and its JSON payload.
+        presence: Option<(String, Bytes)>,
         /// Where the live deliveries are read from.
         reader: Arc<Reader>,
     },

@@ -320,6 +320,30 @@ impl LocalIndex {
         }
     }
 
+    /// Queues a topic event that is not one of its numbered messages (presence news) to
+    /// every local subscriber of `topic`, in order with its deliveries; returns the frames
+    /// queued.
+    pub fn deliver_event(
+        &self,
+        topic: &str,
+        event: &str,
+        payload: &str,
+        metrics: &Metrics,
+    ) -> usize {
+        let shard = self.shard(topic).read();
+        let Some(subs) = shard.get(topic) else {
+            return 0;
+        };
+        // Under the topic's delivery lock, as deliveries are appended.
+        let _order = subs.last.lock();
+        Self::append_frames(
+            subs,
+            &[DeliveryFrame::new(topic, event, payload)],
+            0,
+            metrics,
+        )
+    }
+
     /// Queues `messages` to every subscriber of `subs`; returns the frames queued.
     fn fan_out(
         subs: &TopicSubs,
@@ -334,13 +358,24 @@ impl LocalIndex {
             .iter()
             .map(|m| DeliveryFrame::new(topic, m.event, m.payload))
             .collect();
+        Self::append_frames(subs, &frames, messages[0].accepted, metrics)
+    }
+
+    /// Appends `frames` (stamped `stamp`) to every group's feed of `subs`, waking or cutting
+    /// readers; returns the frames queued.
+    fn append_frames(
+        subs: &TopicSubs,
+        frames: &[DeliveryFrame],
+        stamp: u64,
+        metrics: &Metrics,
+    ) -> usize {
         let mut queued = 0;
         for (key, group) in &subs.groups {
             let head = group.feed.append(
                 frames
                     .iter()
                     .map(|f| ws::text_frame(&f.encode(key.vsn, key.join_ref.as_deref()))),
-                messages[0].accepted,
+                stamp,
             );
             Metrics::add(&metrics.encodes, frames.len() as u64);
             let mut passed = head;

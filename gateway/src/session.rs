@@ -6,7 +6,7 @@
 
 use crate::Gateway;
 use crate::auth::{Identity, TokenError};
-use crate::cluster::request::{Join, Publish, Reply};
+use crate::cluster::request::{Join, Pending, Publish, Reply};
 use crate::codec::{self, InFrame, Vsn};
 use crate::config::{MAX_EVENT_BYTES, Rate};
 use crate::conn::{ChannelEvent, ConnEvent, ConnHandle, Cut};
@@ -135,6 +135,8 @@ struct Channel {
     replaces: Option<Box<Channel>>,
     /// Whether the client may publish to the topic (its connection token, or its join token).
     may_publish: bool,
+    /// Whether the join tracks the client's presence (a `presence_update` may change it).
+    tracked: bool,
 }
 
 /// A publish waiting for its owner's answer: what the reply to the client needs.
@@ -145,6 +147,8 @@ struct PublishReply {
     topic: String,
     /// When the publish frame arrived (publish latency).
     since: Instant,
+    /// A `presence_update`: answered `{}`, and not a publish.
+    presence: bool,
 }
 
 /// The protocol state of one connection.
@@ -329,6 +333,9 @@ impl Session {
         if recover.is_some() && self.recovering() >= MAX_RECOVERING {
             return Err("too many recoveries at once");
         }
+        let client_key = gateway.config.auth.is_open();
+        let presence = parse_presence(f.payload, self.identity.sub.as_deref(), client_key)?;
+        let tracked = presence.as_ref().is_some_and(|p| p.meta.is_some());
         let sub = gateway.next_sub.fetch_add(1, Relaxed);
         let join_ref: Option<Arc<str>> = f.join_ref.map(Arc::from);
         let join = Join {
@@ -338,6 +345,7 @@ impl Session {
             key: GroupKey::new(self.vsn, join_ref.clone()),
             recover,
             replay: Vec::new(),
+            presence,
         };
         // At the topic's feed if other local subscribers have one, else at its owner.
         let node = gateway.cluster.join(join).map_err(|_| "unavailable")?;
@@ -353,6 +361,7 @@ impl Session {
             },
             replaces: None,
             may_publish: false,
+            tracked,
         })
     }
 
@@ -425,6 +434,9 @@ impl Session {
         let Some(channel) = self.channels.get(&f.topic) else {
             return self.refuse(&f, "unmatched topic", now, out);
         };
+        if f.event == "presence_update" {
+            return self.presence_update(f, now, out);
+        }
         if !channel.may_publish {
             self.security("publish refused", &f.topic, "not allowed by its tokens");
             return self.refuse(&f, "unauthorized", now, out);
@@ -458,9 +470,50 @@ impl Session {
             msg_ref: f.msg_ref.map(Box::from),
             topic: f.topic.clone(),
             since: now,
+            presence: false,
         };
         self.publishes.insert(token, reply);
         Metrics::inc(&self.gateway.metrics.publishes);
+    }
+
+    /// A new presence meta for a joined channel that tracks it: `{"meta": {...}}`.
+    fn presence_update(&mut self, f: InFrame<'_>, now: Instant, out: &mut Vec<String>) {
+        let Some(channel) = self.channels.get(&f.topic) else {
+            return self.refuse(&f, "unmatched topic", now, out);
+        };
+        if !channel.tracked {
+            return self.refuse(&f, "presence not tracked", now, out);
+        }
+        let meta = match presence_meta(f.payload) {
+            Ok(meta) => meta,
+            Err(reason) => return self.refuse(&f, reason, now, out),
+        };
+        if self.publishes.len() >= self.gateway.config.client_queue / 2 {
+            return self.refuse(&f, "too many publishes in flight", now, out);
+        }
+        let (token, sub, node) = (self.next_token, channel.sub, channel.node.clone());
+        self.next_token += 1;
+        let track = Pending::Track {
+            reply: Reply::Channel {
+                conn: self.conn.clone(),
+                token,
+            },
+            topic: f.topic.clone(),
+            sub,
+            meta,
+        };
+        // Where the subscription is.
+        if self.gateway.cluster.send_to(&node, track).is_err() {
+            return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unavailable", out);
+        }
+        let reply = PublishReply {
+            join_ref: f.join_ref.map(Box::from),
+            msg_ref: f.msg_ref.map(Box::from),
+            topic: f.topic.clone(),
+            since: now,
+            presence: true,
+        };
+        self.publishes.insert(token, reply);
     }
 
     /// Applies one inbox event.
@@ -511,6 +564,7 @@ impl Session {
                 epoch,
                 offset,
                 replay,
+                presence,
                 reader,
             } => {
                 let Some(channel) = self.channels.get_mut(&topic).filter(|c| c.sub == sub) else {
@@ -555,6 +609,13 @@ impl Session {
                     "ok",
                     &response,
                 ));
+                // Presence first (as Phoenix pushes it right after the join), then what the
+                // joiner missed; neither is numbered with the topic's messages.
+                if let Some((event, state)) = presence {
+                    let state = std::str::from_utf8(&state).unwrap_or("{}");
+                    let frame = codec::DeliveryFrame::new(&topic, &event, state);
+                    out.push_text(frame.encode(self.vsn, join_ref.as_deref()));
+                }
                 for m in replay.into_iter().flatten() {
                     let payload = std::str::from_utf8(&m.payload).unwrap_or_default();
                     let frame = codec::DeliveryFrame::new(&topic, &m.event, payload);
@@ -592,10 +653,15 @@ impl Session {
                 let Some(reply) = self.publishes.remove(&token) else {
                     return;
                 };
-                let latency = seconds_since(reply.since);
-                self.gateway.metrics.publish_latency.observe(latency);
+                if !reply.presence {
+                    let latency = seconds_since(reply.since);
+                    self.gateway.metrics.publish_latency.observe(latency);
+                }
                 let (join_ref, msg_ref) = (reply.join_ref.as_deref(), reply.msg_ref.as_deref());
                 let frame = match result {
+                    Ok(_) if reply.presence => {
+                        codec::reply(self.vsn, join_ref, msg_ref, &reply.topic, "ok", "{}")
+                    }
                     Ok(at) => codec::reply(
                         self.vsn,
                         join_ref,
@@ -698,6 +764,65 @@ pub fn join_token(payload: &str) -> Option<String> {
         token: Option<String>,
     }
     serde_json::from_str::<Params>(payload).ok()?.token
+}
+
+/// Reads `{"presence": {"meta": {...}, "key": "..."}}` from a join payload: `None` without
+/// presence; with a `meta` the join tracks it, without one it only watches. The key is the
+/// connection token's `sub` when there is one; the client's `key` only when `client_key`
+/// (authentication off).
+pub fn parse_presence(
+    payload: &str,
+    sub: Option<&str>,
+    client_key: bool,
+) -> Result<Option<ringcast_proto::PresenceJoin>, &'static str> {
+    let Ok(serde_json::Value::Object(params)) = serde_json::from_str(payload) else {
+        return Ok(None);
+    };
+    let presence = match params.get("presence") {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::Object(presence)) => presence,
+        Some(_) => return Err("invalid presence"),
+    };
+    let meta = match presence.get("meta") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Object(meta)) => Some(checked_meta(meta)?),
+        Some(_) => return Err("invalid presence"),
+    };
+    let key = match (sub, presence.get("key")) {
+        (Some(sub), _) => sub.to_owned(),
+        (None, Some(serde_json::Value::String(key))) if client_key => key.clone(),
+        (None, _) if meta.is_none() => String::new(),
+        (None, _) => return Err("presence key required"),
+    };
+    if key.len() > ringcast_proto::MAX_PRESENCE_KEY_BYTES || (meta.is_some() && key.is_empty()) {
+        return Err("invalid presence key");
+    }
+    Ok(Some(ringcast_proto::PresenceJoin { key, meta }))
+}
+
+/// A `presence_update`'s `{"meta": {...}}`.
+fn presence_meta(payload: &str) -> Result<bytes::Bytes, &'static str> {
+    match serde_json::from_str::<serde_json::Value>(payload) {
+        Ok(serde_json::Value::Object(p)) => match p.get("meta") {
+            Some(serde_json::Value::Object(meta)) => checked_meta(meta),
+            _ => Err("invalid presence"),
+        },
+        _ => Err("invalid presence"),
+    }
+}
+
+/// A presence meta as sent on: compact, small, without a `phx_ref` of its own.
+fn checked_meta(
+    meta: &serde_json::Map<String, serde_json::Value>,
+) -> Result<bytes::Bytes, &'static str> {
+    if meta.contains_key("phx_ref") {
+        return Err("invalid presence");
+    }
+    let text = serde_json::to_string(meta).map_err(|_| "invalid presence")?;
+    if text.len() > ringcast_proto::MAX_PRESENCE_META_BYTES {
+        return Err("presence meta too big");
+    }
+    Ok(bytes::Bytes::from(text))
 }
 
 /// Reads `{"recover": {"epoch": "<hex>", "offset": N}}` from a join payload.
@@ -977,12 +1102,58 @@ fn read_error(e: WsError, metrics: &Metrics) -> Option<(u16, &'static str)> {
 /// events (`phx_close` would close every subscriber's channel, `phx_error` make them all
 /// rejoin) and phoenix.js's reply events (`chan_reply_<ref>` resolves a pending push).
 pub(crate) fn reserved_event(event: &str) -> bool {
-    event.starts_with("phx_") || event.starts_with("chan_reply_")
+    event.starts_with("phx_") || event.starts_with("chan_reply_") || event.starts_with("presence_")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn presence_params() {
+        let parsed = |payload: &str, sub: Option<&str>, open: bool| {
+            parse_presence(payload, sub, open).map(|p| p.map(|p| (p.key, p.meta)))
+        };
+        assert_eq!(parsed("{}", None, true), Ok(None));
+        assert_eq!(parsed(r#"{"presence":null}"#, None, true), Ok(None));
+        assert_eq!(
+            parsed(r#"{"presence":{}}"#, None, true),
+            Ok(Some((String::new(), None))),
+            "watching"
+        );
+        assert_eq!(
+            parsed(r#"{"presence":{"key":"k","meta":{ "a" : 1 }}}"#, None, true),
+            Ok(Some(("k".into(), Some(bytes::Bytes::from(r#"{"a":1}"#)))))
+        );
+        // With tokens, the key is the token's user, whatever the client says.
+        assert_eq!(
+            parsed(
+                r#"{"presence":{"key":"alice","meta":{}}}"#,
+                Some("bob"),
+                false
+            ),
+            Ok(Some(("bob".into(), Some(bytes::Bytes::from("{}")))))
+        );
+        for bad in [
+            r#"{"presence":{"meta":{}}}"#,
+            r#"{"presence":{"key":"k","meta":[]}}"#,
+            r#"{"presence":{"key":"k","meta":{"phx_ref":"x"}}}"#,
+            r#"{"presence":"on"}"#,
+            r#"{"presence":{"key":"","meta":{}}}"#,
+        ] {
+            assert!(parsed(bad, None, true).is_err(), "{bad}");
+        }
+        let big = format!(
+            r#"{{"presence":{{"key":"k","meta":{{"x":"{}"}}}}}}"#,
+            "y".repeat(2000)
+        );
+        assert_eq!(parsed(&big, None, true), Err("presence meta too big"));
+        assert_eq!(
+            parsed(r#"{"presence":{"key":"k","meta":{}}}"#, None, false),
+            Err("presence key required"),
+            "a client key only with authentication off"
+        );
+    }
 
     #[test]
     fn recover_positions() {

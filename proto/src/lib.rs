@@ -13,10 +13,16 @@ pub mod v1 {
     tonic::include_proto!("ringcast.v1");
 }
 
+/// Largest presence meta (a JSON object, compact), in bytes.
+pub const MAX_PRESENCE_META_BYTES: usize = 1024;
+/// Longest presence key, in bytes.
+pub const MAX_PRESENCE_KEY_BYTES: usize = 256;
+
 pub use v1::{
     Ack, Delivery, Disconnect, DisconnectUser, Down, DownBatch, Hello, History, Inspect, LogEntry,
-    Move, Moved, Position, Publish, Rejected, Replay, Subscribe, TakeReply, TakeRequest, TopicInfo,
-    Unsubscribe, Up, UpBatch, WrongOwner, down, take_reply,
+    Move, Moved, Position, PresenceDiff, PresenceEntry, PresenceJoin, Publish, Rejected, Replay,
+    Subscribe, TakeReply, TakeRequest, TopicInfo, Track, Unsubscribe, Up, UpBatch, WrongOwner,
+    down, take_reply,
     topic_server_client::TopicServerClient,
     topic_server_server::{TopicServer, TopicServerServer},
     up,
@@ -29,6 +35,7 @@ impl Down {
                 request_id,
                 position: Some(Position { epoch, offset }),
                 recovered: false,
+                ..Default::default()
             })),
         }
     }
@@ -40,6 +47,27 @@ impl Down {
                 request_id,
                 position: Some(Position { epoch, offset }),
                 recovered: true,
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// An Ack that also carries presence for the joiner (`event`, JSON `payload`).
+    pub fn with_presence(mut self, presence: Option<(&str, bytes::Bytes)>) -> Down {
+        if let (Some((event, payload)), Some(down::Kind::Ack(ack))) = (presence, &mut self.kind) {
+            ack.presence_event = event.to_owned();
+            ack.presence = payload;
+        }
+        self
+    }
+
+    /// Presence news of `topic`: `presence_diff`, `presence_state` or `presence_stats`.
+    pub fn presence(topic: String, event: &str, payload: bytes::Bytes) -> Down {
+        Down {
+            kind: Some(down::Kind::Presence(PresenceDiff {
+                topic,
+                event: event.to_owned(),
+                payload,
             })),
         }
     }
@@ -125,6 +153,7 @@ impl Up {
                 subscriber,
                 recover,
                 previous_owner: String::new(),
+                presence: None,
             })),
         }
     }
@@ -175,10 +204,33 @@ impl Up {
         }
     }
 
-    pub fn inspect(request_id: u64, topic: String) -> Up {
+    pub fn inspect(request_id: u64, topic: String, presence: bool) -> Up {
         Up {
-            kind: Some(up::Kind::Inspect(Inspect { request_id, topic })),
+            kind: Some(up::Kind::Inspect(Inspect {
+                request_id,
+                topic,
+                presence,
+            })),
         }
+    }
+
+    pub fn track(request_id: u64, topic: String, subscriber: u64, meta: bytes::Bytes) -> Up {
+        Up {
+            kind: Some(up::Kind::Track(Track {
+                request_id,
+                topic,
+                subscriber,
+                meta,
+            })),
+        }
+    }
+
+    /// A subscribe that tracks (or watches) presence.
+    pub fn with_presence(mut self, presence: Option<PresenceJoin>) -> Up {
+        if let Some(up::Kind::Subscribe(s)) = &mut self.kind {
+            s.presence = presence;
+        }
+        self
     }
 
     pub fn disconnect(request_id: u64, sub: String) -> Up {

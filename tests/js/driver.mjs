@@ -7,12 +7,15 @@
 //     with "recover": true, the channel keeps its position (epoch + offset, counting every
 //     message) and every rejoin sends it as {"recover": position}; messages then carry
 //     their "offset"
+//     with "presence": true, a phoenix.js Presence is attached before the join: every onSync
+//     writes {"ev":"presence_sync","topic":T,"state":{key: [phx_ref, ...]}, "metas": {...}}
+//     and every raw presence_diff {"ev":"presence_diff","topic":T,"diff":D}
 //   {"op":"push","topic":T,"event":E,"payload":P} -> push_ok / push_error / push_timeout
 //   {"op":"leave","topic":T}                      -> leave_ok
 //   {"op":"exit"}
 // and, as they happen: open, close, message (every non-phx event of a joined channel),
 // channel_error, channel_close.
-import { Socket } from "phoenix";
+import { Presence, Socket } from "phoenix";
 import WebSocket from "ws";
 import readline from "node:readline";
 
@@ -34,7 +37,7 @@ socket.connect();
 
 const channels = new Map();
 
-function join(topic, params, recover) {
+function join(topic, params, recover, withPresence) {
   // The README's recovery pattern: channel params as a function, so that a rejoin sends the
   // position the client has reached.
   let position = null;
@@ -43,7 +46,24 @@ function join(topic, params, recover) {
     : params || {};
   const channel = socket.channel(topic, joinParams);
   channels.set(topic, channel);
+  if (withPresence) {
+    // Bound before the Presence's own handlers: a diff is reported before the sync it causes.
+    channel.on("presence_diff", (diff) => out({ ev: "presence_diff", topic, diff }));
+    channel.on("presence_stats", (stats) => out({ ev: "presence_stats", topic, stats }));
+    const presence = new Presence(channel);
+    presence.onSync(() => {
+      const state = {};
+      const metas = {};
+      for (const [key, { metas: list }] of Object.entries(presence.state)) {
+        state[key] = list.map((m) => m.phx_ref).sort();
+        metas[key] = list;
+      }
+      out({ ev: "presence_sync", topic, state, metas });
+    });
+  }
   channel.onMessage = (event, payload) => {
+    // Presence events are not numbered with the topic's messages.
+    if (event.startsWith("presence_")) return payload;
     if (!event.startsWith("phx_") && !event.startsWith("chan_reply_")) {
       if (recover) {
         position.offset += 1;
@@ -73,7 +93,7 @@ rl.on("line", (line) => {
   const channel = channels.get(cmd.topic);
   switch (cmd.op) {
     case "join":
-      join(cmd.topic, cmd.params, cmd.recover);
+      join(cmd.topic, cmd.params, cmd.recover, cmd.presence);
       break;
     case "push":
       channel

@@ -35,6 +35,10 @@ pub struct Config {
     /// The cluster's shared secret (`CLUSTER_SECRET`): every gRPC call must carry it, and
     /// calls to peers do.
     pub cluster_secret: ringcast_proto::auth::ClusterSecret,
+    /// How much presence a topic lists and holds.
+    pub presence: crate::presence::PresenceLimits,
+    /// Presence changes are gathered this long into one diff per topic.
+    pub presence_interval: Duration,
 }
 
 impl Config {
@@ -52,6 +56,8 @@ impl Config {
             max_topics: 1_000_000,
             max_log_total: 1 << 30,
             cluster_secret: Default::default(),
+            presence: Default::default(),
+            presence_interval: Duration::from_millis(50),
         }
     }
 
@@ -125,6 +131,15 @@ struct Cli {
     /// (a topic server otherwise refuses to start that way).
     #[arg(long, env = "CLUSTER_AUTH", value_name = "CLUSTER_AUTH")]
     cluster_auth: Option<ClusterAuth>,
+    /// Milliseconds presence changes are gathered before one diff per topic goes out.
+    #[arg(long, env = "TOPIC_SERVER_PRESENCE_INTERVAL_MS", value_name = "TOPIC_SERVER_PRESENCE_INTERVAL_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    presence_interval_ms: u64,
+    /// Members above which a topic's presence is counted (`presence_stats`), not listed.
+    #[arg(long, env = "TOPIC_SERVER_PRESENCE_LIST_MAX", value_name = "TOPIC_SERVER_PRESENCE_LIST_MAX", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    presence_list_max: u32,
+    /// Presence members per topic at most; a join tracking one more is refused.
+    #[arg(long, env = "TOPIC_SERVER_PRESENCE_MAX", value_name = "TOPIC_SERVER_PRESENCE_MAX", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    presence_max: u32,
 }
 
 /// `CLUSTER_AUTH`.
@@ -180,6 +195,11 @@ impl Cli {
         };
         config.max_topics = self.max_topics as usize;
         config.max_log_total = self.max_log_total_bytes as usize;
+        config.presence_interval = Duration::from_millis(self.presence_interval_ms);
+        config.presence = crate::presence::PresenceLimits {
+            listed_max: self.presence_list_max as usize,
+            max_members: self.presence_max as usize,
+        };
         config.cluster_secret =
             ringcast_proto::auth::ClusterSecret::parse(self.cluster_secret.as_deref())?;
         match (self.cluster_auth, config.cluster_secret.is_set()) {

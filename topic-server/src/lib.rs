@@ -10,6 +10,7 @@ pub mod handoff;
 pub mod log;
 pub mod ownership;
 mod peers;
+pub mod presence;
 pub mod process;
 pub mod prom;
 pub mod registry;

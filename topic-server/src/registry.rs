@@ -6,6 +6,7 @@
 //! messages in its log; when it is created again it gets a new epoch.
 
 use crate::log::{Dropped, LogLimits, Message, TopicLog};
+use crate::presence::{self, Entry, Full, HandedOver, Presence, PresenceLimits};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -63,13 +64,14 @@ struct Topic<G> {
     log: TopicLog,
     /// Idempotency keys of recent publishes, oldest first, with where each message went.
     keys: VecDeque<(Box<str>, Position, Instant)>,
+    presence: Presence<G>,
 }
 
 /// Idempotency keys remembered per topic, at most, and for how long.
 const KEYS_MAX: usize = 256;
 const KEYS_FOR: Duration = Duration::from_secs(300);
 
-impl<G> Topic<G> {
+impl<G: PartialEq + Clone> Topic<G> {
     fn position(&self) -> Position {
         Position {
             epoch: self.epoch,
@@ -77,9 +79,10 @@ impl<G> Topic<G> {
         }
     }
 
-    /// Nothing left to keep: no subscriber and no message to recover.
+    /// Nothing left to keep: no subscriber, no message to recover, no presence waiting for
+    /// its gateway.
     fn is_idle(&self) -> bool {
-        self.gateways.is_empty() && self.log.is_empty()
+        self.gateways.is_empty() && self.log.is_empty() && self.presence.is_empty()
     }
 }
 
@@ -141,7 +144,15 @@ pub struct Handoff<G> {
     pub log: Vec<(Duration, Message)>,
     /// The gateways that had subscribers here (to be told the topic moved).
     pub gateways: Vec<G>,
+    /// The presence changes not sent yet (to send to `gateways` before the topic goes), and
+    /// the presence, by gateway id.
+    pub presence_flush: Option<(&'static str, String)>,
+    pub presence: Vec<HandedOver>,
 }
+
+/// What a topic's presence has to say to its subscribers (a flush): the topic, the event
+/// and its JSON payload, and the gateways to send it to.
+pub type PresenceNews<'a, G> = (String, &'static str, String, Vec<&'a G>);
 
 /// The topics of one shard. `G` identifies a gateway's stream (cheap to clone and compare).
 #[derive(Debug)]
@@ -156,6 +167,11 @@ pub struct TopicRegistry<G> {
     logged: Dropped,
     /// Bytes of the names of the topics held.
     names: usize,
+    presence_limits: PresenceLimits,
+    /// Bytes held for presence, every topic together.
+    presence_bytes: usize,
+    /// Topics whose presence has something to flush.
+    dirty: HashSet<String>,
 }
 
 /// Handed-over topics remembered, at most, per registry: the oldest are forgotten first.
@@ -173,7 +189,117 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
             subscriptions: 0,
             logged: Dropped::default(),
             names: 0,
+            presence_limits: PresenceLimits::default(),
+            presence_bytes: 0,
+            dirty: HashSet::new(),
         }
+    }
+
+    pub fn with_presence_limits(mut self, limits: PresenceLimits) -> Self {
+        self.presence_limits = limits;
+        self
+    }
+
+    /// Runs `change` on `topic`'s presence and keeps the byte count and the dirty set.
+    fn presence_change<R>(
+        &mut self,
+        topic: &str,
+        change: impl FnOnce(&mut Presence<G>, &PresenceLimits) -> R,
+    ) -> Option<R> {
+        let limits = self.presence_limits;
+        let state = self.topics.get_mut(topic)?;
+        let before = state.presence.bytes();
+        let result = change(&mut state.presence, &limits);
+        let after = state.presence.bytes();
+        self.presence_bytes = self.presence_bytes + after - before;
+        if state.presence.is_dirty() && !self.dirty.contains(topic) {
+            self.dirty.insert(topic.to_owned());
+        }
+        Some(result)
+    }
+
+    /// Tracks `subscriber` (subscribed already) in `topic`'s presence as `key` with `meta` (a
+    /// compact JSON object), under a fresh `phx_ref`.
+    pub fn track(
+        &mut self,
+        topic: &str,
+        gateway: &G,
+        subscriber: SubscriberId,
+        key: &str,
+        meta: Box<str>,
+    ) -> Result<(), Full> {
+        let phx_ref = self.next_ref();
+        let entry = Entry {
+            key: key.into(),
+            phx_ref,
+            meta,
+        };
+        self.presence_change(topic, |p, limits| {
+            p.track(gateway, subscriber, entry, limits)
+        })
+        .unwrap_or(Err(Full))
+    }
+
+    /// Replaces a tracked subscriber's meta; false if it is not tracked.
+    pub fn update_presence(
+        &mut self,
+        topic: &str,
+        gateway: &G,
+        subscriber: SubscriberId,
+        meta: Box<str>,
+    ) -> bool {
+        let phx_ref = self.next_ref();
+        self.presence_change(topic, |p, _| p.update(gateway, subscriber, meta, phx_ref))
+            .unwrap_or(false)
+    }
+
+    /// A gateway (`gateway_id`) moved `subscriber` here: its handed-over presence is its own
+    /// again, unchanged.
+    pub fn adopt(&mut self, topic: &str, gateway: &G, gateway_id: &str, subscriber: SubscriberId) {
+        self.presence_change(topic, |p, _| p.adopt(gateway, gateway_id, subscriber));
+    }
+
+    /// What a joiner of `topic` gets: `presence_state` or `presence_stats`, and the JSON.
+    pub fn presence_snapshot(&self, topic: &str) -> (&'static str, String) {
+        match self.topics.get(topic) {
+            Some(state) => state.presence.snapshot(),
+            None => ("presence_state", "{}".to_owned()),
+        }
+    }
+
+    /// `topic`'s whole presence now (JSON), its members and keys.
+    pub fn presence_state(&self, topic: &str) -> Option<(String, (usize, usize))> {
+        let state = self.topics.get(topic)?;
+        Some((state.presence.state(), state.presence.counts()))
+    }
+
+    /// The presence news of every topic that changed since the last call.
+    pub fn flush_presence(&mut self) -> Vec<PresenceNews<'_, G>> {
+        let limits = self.presence_limits;
+        let mut news = Vec::new();
+        for topic in std::mem::take(&mut self.dirty) {
+            let Some(state) = self.topics.get_mut(&topic) else {
+                continue;
+            };
+            let before = state.presence.bytes();
+            let flushed = state.presence.flush(&limits);
+            self.presence_bytes = self.presence_bytes + state.presence.bytes() - before;
+            if let Some((event, payload)) = flushed {
+                news.push((topic, event, payload));
+            }
+        }
+        news.into_iter()
+            .filter_map(|(topic, event, payload)| {
+                let state = self.topics.get(&topic)?;
+                let gateways: Vec<&G> = state.gateways.iter().map(|(g, _)| g).collect();
+                Some((topic, event, payload, gateways))
+            })
+            .collect()
+    }
+
+    /// A `phx_ref` no other presence of this server has had.
+    fn next_ref(&mut self) -> Box<str> {
+        format!("{:x}", self.epochs.next()).into()
     }
 
     fn topic_mut(&mut self, topic: &str) -> &mut Topic<G> {
@@ -188,6 +314,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
                     gateways: Vec::new(),
                     log: TopicLog::default(),
                     keys: VecDeque::new(),
+                    presence: Presence::default(),
                 },
             );
         }
@@ -242,10 +369,8 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         if removed {
             self.subscriptions -= 1;
         }
-        if state.is_idle() {
-            self.topics.remove(topic);
-            self.names -= topic.len();
-        }
+        self.presence_change(topic, |p, _| p.untrack(gateway, subscriber));
+        self.remove_if_idle(topic);
         removed
     }
 
@@ -302,8 +427,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         self.forget(dropped);
         if idle {
             // Not kept and nobody to deliver to: like Phoenix PubSub, it reaches no one.
-            self.topics.remove(topic);
-            self.names -= topic.len();
+            self.remove_if_idle(topic);
             return Published {
                 position,
                 gateways: Vec::new(),
@@ -360,22 +484,38 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         })
     }
 
-    /// Drops every subscription held by `gateway` (its stream ended). Returns how many.
+    /// Drops every subscription held by `gateway` (its stream ended), and its presence (the
+    /// leaves go in the next flush). Returns how many subscriptions.
     pub fn drop_gateway(&mut self, gateway: &G) -> usize {
-        let (mut dropped, mut names) = (0, 0);
-        self.topics.retain(|topic, state| {
+        let held: Vec<String> = self
+            .topics
+            .iter()
+            .filter(|(_, state)| state.gateways.iter().any(|(g, _)| g == gateway))
+            .map(|(topic, _)| topic.clone())
+            .collect();
+        let mut dropped = 0;
+        for topic in held {
+            let Some(state) = self.topics.get_mut(&topic) else {
+                continue;
+            };
             if let Some(i) = state.gateways.iter().position(|(g, _)| g == gateway) {
                 dropped += state.gateways.swap_remove(i).1.len();
             }
-            let keep = !state.is_idle();
-            if !keep {
-                names += topic.len();
-            }
-            keep
-        });
+            self.presence_change(&topic, |p, _| p.drop_gateway(gateway));
+            self.remove_if_idle(&topic);
+        }
         self.subscriptions -= dropped;
-        self.names -= names;
         dropped
+    }
+
+    /// Forgets `topic` if it has nothing left to keep.
+    fn remove_if_idle(&mut self, topic: &str) {
+        if self.topics.get(topic).is_some_and(Topic::is_idle) {
+            let state = self.topics.remove(topic).expect("checked");
+            self.names -= topic.len();
+            self.presence_bytes -= state.presence.bytes();
+            self.dirty.remove(topic);
+        }
     }
 
     /// Drops messages past the age limit, then topics left with neither subscribers nor
@@ -383,18 +523,25 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     pub fn expire(&mut self, now: Instant) -> usize {
         let (limits, before) = (self.limits, self.topics.len());
         let (mut expired, mut names) = (Dropped::default(), 0);
+        let dirty = &mut self.dirty;
         self.topics.retain(|topic, state| {
             let dropped = state.log.expire(now, &limits);
             expired.messages += dropped.messages;
             expired.bytes += dropped.bytes;
+            state.presence.expire(now);
+            if state.presence.is_dirty() && !dirty.contains(topic) {
+                dirty.insert(topic.clone());
+            }
             let keep = !state.is_idle();
             if !keep {
                 names += topic.len();
+                dirty.remove(topic);
             }
             keep
         });
         self.forget(expired);
         self.names -= names;
+        self.presence_bytes = self.topics.values().map(|t| t.presence.bytes()).sum();
         // Handovers are remembered for a while, and only so many.
         self.moved
             .retain(|_, m| now.saturating_duration_since(m.at) < MOVED_FOR);
@@ -415,9 +562,18 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     }
 
     /// Removes `topic` for a handoff: its position, log and the gateways subscribed to it.
-    pub fn take(&mut self, topic: &str, now: Instant) -> Option<Handoff<G>> {
-        let state = self.topics.remove(topic)?;
+    pub fn take(
+        &mut self,
+        topic: &str,
+        now: Instant,
+        gateway_id: impl Fn(&G) -> String,
+    ) -> Option<Handoff<G>> {
+        let limits = self.presence_limits;
+        let mut state = self.topics.remove(topic)?;
         self.names -= topic.len();
+        self.dirty.remove(topic);
+        self.presence_bytes -= state.presence.bytes();
+        let presence_flush = state.presence.flush(&limits);
         let subscribers: usize = state.gateways.iter().map(|(_, s)| s.len()).sum();
         self.subscriptions -= subscribers;
         self.forget(Dropped {
@@ -429,6 +585,8 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
             offset: state.offset,
             log: state.log.snapshot(now),
             gateways: state.gateways.into_iter().map(|(g, _)| g).collect(),
+            presence_flush,
+            presence: state.presence.hand_over(gateway_id),
         })
     }
 
@@ -440,11 +598,19 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         epoch: u64,
         offset: u64,
         log: Vec<(Duration, Message)>,
+        presence: Vec<HandedOver>,
         now: Instant,
     ) -> bool {
         if self.topics.contains_key(topic) {
             return false;
         }
+        let mut topic_presence = Presence::default();
+        topic_presence.install(
+            presence,
+            now + presence::ADOPT_WITHIN,
+            &self.presence_limits,
+        );
+        self.presence_bytes += topic_presence.bytes();
         let (log, held) = TopicLog::restore(log, offset, now, &self.limits);
         self.names += topic.len();
         self.logged.messages += held.messages;
@@ -455,6 +621,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
             gateways: Vec::new(),
             log,
             keys: VecDeque::new(),
+            presence: topic_presence,
         };
         self.topics.insert(topic.to_owned(), topic_state);
         true
@@ -503,9 +670,10 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         (self.logged.messages, self.logged.bytes)
     }
 
-    /// Every byte this shard holds for its topics: logged payloads and events, and names.
+    /// Every byte this shard holds for its topics: logged payloads and events, names, and
+    /// presence.
     pub fn held_bytes(&self) -> usize {
-        self.logged.bytes + self.names
+        self.logged.bytes + self.names + self.presence_bytes
     }
 
     /// Handovers remembered.
@@ -719,7 +887,7 @@ mod tests {
             publish(&mut old, "t");
         }
         let now = Instant::now();
-        let handed = old.take("t", now).unwrap();
+        let handed = old.take("t", now, |g| g.to_string()).unwrap();
         assert_eq!(
             (handed.offset, handed.log.len(), handed.gateways),
             (3, 3, vec!["gw"])
@@ -730,7 +898,14 @@ mod tests {
         );
 
         let mut new = TopicRegistry::<&str>::new(EpochSource::new(99), LogLimits::default());
-        assert!(new.install("t", handed.epoch, handed.offset, handed.log, now));
+        assert!(new.install(
+            "t",
+            handed.epoch,
+            handed.offset,
+            handed.log,
+            Vec::new(),
+            now
+        ));
         let from = Some(Position {
             epoch: start.epoch,
             offset: 1,
@@ -746,9 +921,65 @@ mod tests {
             }
         );
         assert!(
-            !new.install("t", 1, 1, Vec::new(), now),
+            !new.install("t", 1, 1, Vec::new(), Vec::new(), now),
             "never over an existing topic"
         );
+    }
+
+    #[test]
+    fn presence_follows_subscriptions_streams_and_handoffs() {
+        let now = Instant::now();
+        let mut old = registry();
+        let empty = old.held_bytes();
+        sub(&mut old, "t", "gw-a", 1);
+        sub(&mut old, "t", "gw-b", 2);
+        old.track("t", &"gw-a", 1, "alice", "{}".into()).unwrap();
+        old.track("t", &"gw-b", 2, "bob", r#"{"x":1}"#.into())
+            .unwrap();
+        assert!(old.held_bytes() > empty);
+        let news = old.flush_presence();
+        assert_eq!(news.len(), 1);
+        let (topic, event, _, gateways) = &news[0];
+        assert_eq!(
+            (topic.as_str(), *event, gateways.len()),
+            ("t", "presence_diff", 2)
+        );
+        assert!(old.flush_presence().is_empty(), "flushed");
+        // A stream's end: its entries leave.
+        old.drop_gateway(&"gw-b");
+        let news = old.flush_presence();
+        assert!(news[0].2.contains(r#""leaves":{"bob""#), "{}", news[0].2);
+        // Handed over with the topic, adopted by the gateway's move: no news.
+        sub(&mut old, "t", "gw-b", 3);
+        old.track("t", &"gw-b", 3, "carol", "{}".into()).unwrap();
+        let handed = old.take("t", now, |g| g.to_string()).unwrap();
+        assert!(
+            handed.presence_flush.is_some(),
+            "carol's join goes out first"
+        );
+        assert_eq!(handed.presence.len(), 2);
+        assert_eq!(old.held_bytes(), empty);
+        let mut new = TopicRegistry::<&str>::new(EpochSource::new(99), LogLimits::default());
+        assert!(new.install(
+            "t",
+            handed.epoch,
+            handed.offset,
+            handed.log,
+            handed.presence,
+            now
+        ));
+        assert!(new.flush_presence().is_empty());
+        new.subscribe("t", &"link-7", 1, None, now);
+        new.adopt("t", &"link-7", "gw-a", 1);
+        assert!(new.presence_snapshot("t").1.contains("alice"));
+        // Carol's gateway never moves her: she leaves once the wait is over.
+        new.expire(now + crate::presence::ADOPT_WITHIN);
+        let news = new.flush_presence();
+        assert!(news[0].2.contains(r#""leaves":{"carol""#), "{}", news[0].2);
+        // Alice leaves with her subscription; the topic goes, and its bytes with it.
+        new.unsubscribe("t", &"link-7", 1);
+        assert_eq!(new.topic_count(), 0);
+        assert_eq!(new.held_bytes(), 0);
     }
 
     #[test]

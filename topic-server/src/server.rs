@@ -80,6 +80,8 @@ pub async fn run(
             max_topics: config.max_topics,
             max_held_bytes: config.max_log_total,
             peer_secret: config.cluster_secret.clone(),
+            presence: config.presence,
+            presence_interval: config.presence_interval,
         },
         shutdown.child_token(),
     );

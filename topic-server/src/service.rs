@@ -14,16 +14,18 @@ use crate::handoff::{
 use crate::log::{LogLimits, Message};
 pub use crate::ownership::Ownership;
 use crate::peers::Peers;
+use crate::presence::{self, PresenceLimits};
 use crate::prom::Value;
 use crate::registry::{EpochSource, Position, TopicRegistry};
 use crate::shards::Shards;
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
 use ringcast_proto::batch;
 use ringcast_proto::take_reply::Outcome;
 use ringcast_proto::{
-    Delivery, Down, DownBatch, History, Inspect, LogEntry, Move, Publish, Subscribe, TakeReply,
-    TakeRequest, Unsubscribe, Up, UpBatch, up,
+    Delivery, Down, DownBatch, History, Inspect, LogEntry, Move, PresenceEntry, Publish, Subscribe,
+    TakeReply, TakeRequest, Track, Unsubscribe, Up, UpBatch, up,
 };
 use ringcast_ring::{NewestSeen, NodeSpec, Ring};
 use std::collections::HashMap;
@@ -57,6 +59,10 @@ pub struct ServiceLimits {
     pub max_held_bytes: usize,
     /// The cluster secret sent on calls to peers (`Take`).
     pub peer_secret: ringcast_proto::auth::ClusterSecret,
+    /// How much presence a topic may list and hold.
+    pub presence: PresenceLimits,
+    /// Presence changes are gathered this long, then sent as one diff per topic.
+    pub presence_interval: Duration,
 }
 
 impl Default for ServiceLimits {
@@ -67,6 +73,8 @@ impl Default for ServiceLimits {
             max_topics: 1_000_000,
             max_held_bytes: 1 << 30,
             peer_secret: Default::default(),
+            presence: PresenceLimits::default(),
+            presence_interval: Duration::from_millis(50),
         }
     }
 }
@@ -328,6 +336,7 @@ enum TopicRequest {
     Move(Move),
     History(History),
     Inspect(Inspect),
+    Track(Track),
     /// Waits only behind a parked join of the same topic, to stay in order after it.
     Unsubscribe(Unsubscribe),
 }
@@ -340,6 +349,7 @@ impl TopicRequest {
             TopicRequest::Move(r) => &r.topic,
             TopicRequest::History(r) => &r.topic,
             TopicRequest::Inspect(r) => &r.topic,
+            TopicRequest::Track(r) => &r.topic,
             TopicRequest::Unsubscribe(r) => &r.topic,
         }
     }
@@ -350,7 +360,10 @@ impl TopicRequest {
             TopicRequest::Subscribe(r) => &r.previous_owner,
             TopicRequest::Publish(r) => &r.previous_owner,
             TopicRequest::Move(r) => &r.previous_owner,
-            TopicRequest::History(_) | TopicRequest::Inspect(_) | TopicRequest::Unsubscribe(_) => {
+            TopicRequest::History(_)
+            | TopicRequest::Inspect(_)
+            | TopicRequest::Track(_)
+            | TopicRequest::Unsubscribe(_) => {
                 return None;
             }
         };
@@ -363,6 +376,8 @@ impl TopicRequest {
             TopicRequest::Publish(_) => RequestKind::Publish,
             TopicRequest::Move(_) => RequestKind::Move,
             TopicRequest::History(_) | TopicRequest::Inspect(_) => RequestKind::Read,
+            // Like a leave: it concerns a subscription that is here, or nothing.
+            TopicRequest::Track(_) => RequestKind::Unsubscribe,
             TopicRequest::Unsubscribe(_) => RequestKind::Unsubscribe,
         }
     }
@@ -374,6 +389,7 @@ impl TopicRequest {
             TopicRequest::Move(r) => r.request_id,
             TopicRequest::History(r) => r.request_id,
             TopicRequest::Inspect(r) => r.request_id,
+            TopicRequest::Track(r) => r.request_id,
             TopicRequest::Unsubscribe(r) => r.request_id,
         }
     }
@@ -446,7 +462,8 @@ impl TopicService {
                 registry: TopicRegistry::new(
                     EpochSource::new(seed ^ ((i as u64) << 56)),
                     limits.log,
-                ),
+                )
+                .with_presence_limits(limits.presence),
                 parked: HashMap::new(),
                 counted: (0, 0),
             })
@@ -475,6 +492,17 @@ impl TopicService {
                 tokio::select! {
                     _ = shared.shutdown.cancelled() => break,
                     _ = tick.tick() => shared.expire(Instant::now()),
+                }
+            }
+        });
+        let shared = service.shared.clone();
+        service.shared.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(shared.limits.presence_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => break,
+                    _ = tick.tick() => shared.flush_presence(),
                 }
             }
         });
@@ -584,7 +612,7 @@ impl TopicService {
             TakeVerdict::Busy => return reply(Outcome::Busy),
             TakeVerdict::HandOver { mark_moved } => mark_moved,
         };
-        let handoff = shard.registry.take(topic, Instant::now());
+        let handoff = shard.registry.take(topic, Instant::now(), gateway_id_of);
         shard.sync(&s.totals);
         s.heard_of(request.ring_version);
         if mark_moved {
@@ -606,6 +634,11 @@ impl TopicService {
         s.stats.handoffs_out.fetch_add(1, Relaxed);
         tracing::debug!(%topic, to = %request.node_id, offset = handoff.offset, "topic handed over");
         for gateway in &handoff.gateways {
+            // Presence changes not sent yet go first: the new owner starts from this state.
+            if let Some((event, payload)) = &handoff.presence_flush {
+                let news = Down::presence(topic.to_owned(), event, payload.clone().into());
+                s.send(&gateway.0, news);
+            }
             s.send(
                 &gateway.0,
                 Down::moved(topic.to_owned(), request.ring_version),
@@ -627,6 +660,17 @@ impl TopicService {
                 })
                 .collect(),
             moved_to: String::new(),
+            presence: handoff
+                .presence
+                .into_iter()
+                .map(|(gateway_id, subscriber, e)| PresenceEntry {
+                    gateway_id,
+                    subscriber,
+                    key: e.key.into(),
+                    phx_ref: e.phx_ref.into(),
+                    meta: Bytes::from(String::from(e.meta)),
+                })
+                .collect(),
         }
     }
 
@@ -795,6 +839,24 @@ impl Shared {
         }
     }
 
+    /// Sends every topic's presence changes since the last flush to its gateways: one
+    /// message per topic per gateway, in order with the topic's deliveries.
+    fn flush_presence(&self) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            for (topic, event, payload, gateways) in shard.registry.flush_presence() {
+                let payload = Bytes::from(payload);
+                for gateway in gateways {
+                    self.send(
+                        &gateway.0,
+                        Down::presence(topic.clone(), event, payload.clone()),
+                    );
+                }
+            }
+            shard.sync(&self.totals);
+        }
+    }
+
     fn shard(&self, topic: &str) -> &Mutex<Shard> {
         self.shards.of(topic)
     }
@@ -841,6 +903,7 @@ impl Shared {
             up::Kind::Move(r) => TopicRequest::Move(r),
             up::Kind::History(r) => TopicRequest::History(r),
             up::Kind::Inspect(r) => TopicRequest::Inspect(r),
+            up::Kind::Track(r) => TopicRequest::Track(r),
         };
         let topic = request.topic().to_owned();
         let mut shard = self.shard(&topic).lock();
@@ -917,22 +980,46 @@ impl Shared {
                     let refused = Down::rejected(sub.request_id, "unavailable");
                     return self.send(&link.0, refused);
                 }
+                let presence = match sub.presence.as_ref().map(presence_join) {
+                    Some(Err(reason)) => {
+                        return self.send(&link.0, Down::rejected(sub.request_id, reason));
+                    }
+                    Some(Ok(track)) => Some(track),
+                    None => None,
+                };
                 let subscribed = shard.subscribe(&sub.topic, link, sub.subscriber, recover, now);
+                let snapshot = match presence {
+                    Some(track) => {
+                        if let Some((key, meta)) = track {
+                            let tracked = shard.track(&sub.topic, link, sub.subscriber, &key, meta);
+                            if tracked.is_err() {
+                                shard.unsubscribe(&sub.topic, link, sub.subscriber);
+                                let refused = Down::rejected(sub.request_id, "too many presences");
+                                return self.send(&link.0, refused);
+                            }
+                        }
+                        Some(shard.presence_snapshot(&sub.topic))
+                    }
+                    None => None,
+                };
                 // Sent under the shard lock: replay and ack are ordered with the topic's
                 // deliveries, so the subscriber's messages continue with no gap.
-                self.answer_subscribe(link, sub.request_id, recover, subscribed);
+                self.answer_subscribe(link, sub.request_id, recover, subscribed, snapshot);
             }
             TopicRequest::Move(mv) => {
                 self.stats.moves.fetch_add(1, Relaxed);
                 let from = mv.from.map(Position::from);
                 let mut subscribed = None;
+                let gateway_id = gateway_id_of(link);
                 for (i, subscriber) in mv.subscribers.iter().enumerate() {
                     let recover = if i == 0 { from } else { None };
                     let s = shard.subscribe(&mv.topic, link, *subscriber, recover, now);
+                    // Its presence, handed over with the topic, is its own again.
+                    shard.adopt(&mv.topic, link, &gateway_id, *subscriber);
                     subscribed.get_or_insert(s);
                 }
                 if let Some(subscribed) = subscribed {
-                    self.answer_subscribe(link, mv.request_id, from, subscribed);
+                    self.answer_subscribe(link, mv.request_id, from, subscribed, None);
                 } else {
                     self.send(&link.0, Down::ack(mv.request_id, 0, 0));
                 }
@@ -991,9 +1078,32 @@ impl Shared {
                 };
                 self.send(&link.0, ack);
             }
+            TopicRequest::Track(track) => {
+                let Some(meta) = presence::meta_of(&track.meta) else {
+                    return self.send(
+                        &link.0,
+                        Down::rejected(track.request_id, "invalid presence"),
+                    );
+                };
+                let answer = if shard.update_presence(&track.topic, link, track.subscriber, meta) {
+                    Down::ack(track.request_id, 0, 0)
+                } else {
+                    Down::rejected(track.request_id, "not tracked")
+                };
+                self.send(&link.0, answer);
+            }
             TopicRequest::Inspect(inspect) => {
                 let info = shard.info(&inspect.topic);
+                let presence = shard.presence_state(&inspect.topic);
+                let (members, keys) = presence.as_ref().map_or((0, 0), |(_, c)| *c);
+                let presence = match presence {
+                    Some((state, _)) if inspect.presence => Bytes::from(state),
+                    _ => Bytes::new(),
+                };
                 let answer = ringcast_proto::TopicInfo {
+                    presence_members: members as u64,
+                    presence_keys: keys as u64,
+                    presence,
                     request_id: inspect.request_id,
                     exists: info.is_some(),
                     epoch: info.as_ref().map_or(0, |i| i.position.epoch),
@@ -1014,6 +1124,7 @@ impl Shared {
         request_id: u64,
         recover: Option<Position>,
         subscribed: crate::registry::Subscribed,
+        presence: Option<(&'static str, String)>,
     ) {
         let Position { epoch, offset } = subscribed.position;
         let ack = match (recover, subscribed.replay) {
@@ -1035,7 +1146,8 @@ impl Shared {
             }
             (None, _) => Down::ack(request_id, epoch, offset),
         };
-        self.send(&link.0, ack);
+        let presence = presence.map(|(event, state)| (event, Bytes::from(state)));
+        self.send(&link.0, ack.with_presence(presence));
     }
 
     /// Fetches `topic` from the first of its previous owners that has it, installs it, then
@@ -1090,9 +1202,26 @@ impl Shared {
                         (Duration::from_millis(e.age_ms), message)
                     })
                     .collect();
+                // A peer's entries are checked as a gateway's are.
+                let presence = reply
+                    .presence
+                    .into_iter()
+                    .filter_map(|e| {
+                        let meta = presence::meta_of(&e.meta)?;
+                        let key_ok = !e.key.is_empty()
+                            && e.key.len() <= ringcast_proto::MAX_PRESENCE_KEY_BYTES
+                            && e.phx_ref.len() <= 64;
+                        let entry = presence::Entry {
+                            key: e.key.into(),
+                            phx_ref: e.phx_ref.into(),
+                            meta,
+                        };
+                        key_ok.then_some((e.gateway_id, e.subscriber, entry))
+                    })
+                    .collect();
                 shard
                     .registry
-                    .install(&topic, reply.epoch, reply.offset, log, now);
+                    .install(&topic, reply.epoch, reply.offset, log, presence, now);
                 self.stats.handoffs_in.fetch_add(1, Relaxed);
             }
             Install::Afresh => {
@@ -1140,9 +1269,34 @@ impl Shared {
             TopicRequest::Unsubscribe(r) => r.topic,
             TopicRequest::History(r) => r.topic,
             TopicRequest::Inspect(r) => r.topic,
+            TopicRequest::Track(r) => r.topic,
         };
         self.send(&link.0, Down::wrong_owner(id, topic, version));
     }
+}
+
+/// The id a gateway gave in its Hello (presence handed over is keyed by it).
+fn gateway_id_of(link: &LinkRef) -> String {
+    link.0
+        .gateway_id
+        .get()
+        .cloned()
+        .unwrap_or_else(|| format!("link-{}", link.0.id))
+}
+
+/// What a Subscribe's presence asks: to track `(key, meta)` (checked, compact), or only to
+/// watch (`None`).
+fn presence_join(
+    join: &ringcast_proto::PresenceJoin,
+) -> Result<Option<(String, Box<str>)>, &'static str> {
+    let Some(meta) = &join.meta else {
+        return Ok(None);
+    };
+    if join.key.is_empty() || join.key.len() > ringcast_proto::MAX_PRESENCE_KEY_BYTES {
+        return Err("invalid presence");
+    }
+    let meta = presence::meta_of(meta).ok_or("invalid presence")?;
+    Ok(Some((join.key.clone(), meta)))
 }
 
 /// Now, in microseconds since the Unix epoch (deliveries carry it).

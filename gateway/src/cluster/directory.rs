@@ -492,6 +492,10 @@ impl Directory {
                 api,
                 reason: reason.to_owned(),
             }),
+            Pending::Track { reply, .. } => actions.push(Action::RefusePublish {
+                reply,
+                reason: reason.to_owned(),
+            }),
             Pending::Move(mv) => {
                 // The subscribers stay where they were, which is not the owner any more:
                 // interrupt them (they rejoin at the owner) rather than starve them.
@@ -823,6 +827,7 @@ mod tests {
             Pending::Join(j) => format!("join {} {}", j.topic, j.sub),
             Pending::Publish(p) => format!("publish {}", p.topic),
             Pending::Api(a) => format!("api {:?} {}", a.ask, a.topic),
+            Pending::Track { topic, sub, .. } => format!("track {topic} {sub}"),
             Pending::Move(m) => format!(
                 "move {} {:?} from {}@{}{}",
                 m.topic,
@@ -844,6 +849,7 @@ mod tests {
             key: GroupKey::new(crate::codec::Vsn::V2, None),
             recover: None,
             replay: Vec::new(),
+            presence: None,
         }
     }
 

@@ -465,7 +465,12 @@ impl Link {
             down::Kind::Ack(ack) => {
                 let at: Position = ack.position.unwrap_or_default().into();
                 match self.take_pending(ack.request_id) {
-                    Some(Pending::Join(join)) => self.joined(join, at, ack.recovered),
+                    Some(Pending::Join(join)) => {
+                        let presence = (!ack.presence_event.is_empty())
+                            .then_some((ack.presence_event, ack.presence));
+                        self.joined(join, at, ack.recovered, presence)
+                    }
+                    Some(Pending::Track { reply, .. }) => reply.published(at),
                     Some(Pending::Move(mv)) => self.moved_here(mv, at, ack.recovered),
                     Some(Pending::Publish(p)) => p.reply.published(at),
                     Some(Pending::Api(api)) => api.acked(at, ack.recovered),
@@ -495,6 +500,13 @@ impl Link {
                     let _ = api.reply.send(Ok(Answer::Info(info)));
                 }
             }
+            down::Kind::Presence(news) => match std::str::from_utf8(&news.payload) {
+                Ok(payload) => {
+                    let index = &self.shared.index;
+                    index.deliver_event(&news.topic, &news.event, payload, &self.shared.metrics);
+                }
+                Err(_) => tracing::error!(topic = %news.topic, "presence payload is not UTF-8"),
+            },
             down::Kind::Disconnect(user) => {
                 let cut = self.shared.conns.disconnect_user(&user.sub);
                 Metrics::add(&self.shared.metrics.disconnected, cut as u64);
@@ -515,7 +527,13 @@ impl Link {
 
     /// The owner accepted a join: index the subscriber and tell its connection, unless the
     /// topic lives elsewhere now.
-    fn joined(&self, mut join: Join, at: Position, recovered: bool) {
+    fn joined(
+        &self,
+        mut join: Join,
+        at: Position,
+        recovered: bool,
+        presence: Option<(String, bytes::Bytes)>,
+    ) {
         let index = &self.shared.index;
         let topic = join.topic.clone();
         let owns = self.shared.rings.load().owns(&self.node, &topic);
@@ -553,6 +571,7 @@ impl Link {
                     epoch: at.epoch,
                     offset: at.offset,
                     replay: recovered.then_some(replay),
+                    presence,
                     reader,
                 };
                 join.conn.send(joined.into());

@@ -233,6 +233,16 @@ impl Cluster {
         directory::owner(self.shared.rings.load().current.as_deref(), topic)
     }
 
+    /// Sends `request` on the link to `node` (where a subscription is); handed back if that
+    /// link cannot take it.
+    #[allow(clippy::result_large_err)] // handed back to be answered, not boxed
+    pub fn send_to(&self, node: &str, request: Pending) -> Result<(), Pending> {
+        match self.link(node) {
+            Some(link) => link.request(request),
+            None => Err(request),
+        }
+    }
+
     /// Drops subscription `sub` of `topic` at `node` (fire and forget).
     pub fn unsubscribe(&self, node: &str, topic: &str, sub: u64) {
         if let Some(link) = self.link(node) {

@@ -19,6 +19,14 @@ pub enum Pending {
     },
     /// A backend API call (`api`) other than a publish.
     Api(Api),
+    /// A client's new presence meta for its subscription `sub` of `topic`; answered like a
+    /// publish.
+    Track {
+        reply: Reply,
+        topic: String,
+        sub: u64,
+        meta: bytes::Bytes,
+    },
 }
 
 /// A client's join of `topic` as subscription `sub`.
@@ -31,6 +39,8 @@ pub struct Join {
     pub recover: Option<Position>,
     /// Missed messages replayed so far (a recovering join), delivered with the answer.
     pub replay: Vec<Replayed>,
+    /// Presence to track (with a meta) or watch: the answer then carries the topic's.
+    pub presence: Option<ringcast_proto::PresenceJoin>,
 }
 
 /// A publish, from a client or the backend API.
@@ -85,9 +95,17 @@ pub struct Api {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ask {
-    History { since: Option<Position>, limit: u32 },
-    Inspect,
-    Disconnect { sub: String },
+    History {
+        since: Option<Position>,
+        limit: u32,
+    },
+    /// With the presence state, or only its counts.
+    Inspect {
+        presence: bool,
+    },
+    Disconnect {
+        sub: String,
+    },
 }
 
 impl Reply {
@@ -145,7 +163,7 @@ impl Api {
                 messages: self.replay,
             },
             Ask::Disconnect { .. } => Answer::Disconnected,
-            Ask::Inspect => return self.refuse("unexpected answer".into()),
+            Ask::Inspect { .. } => return self.refuse("unexpected answer".into()),
         };
         let _ = self.reply.send(Ok(answer));
     }
@@ -179,6 +197,7 @@ impl Pending {
             Pending::Move(m) => &m.topic,
             Pending::Unsubscribe { topic, .. } => topic,
             Pending::Api(a) => &a.topic,
+            Pending::Track { topic, .. } => topic,
         }
     }
 
@@ -187,6 +206,7 @@ impl Pending {
         match self {
             Pending::Join(j) => {
                 Up::subscribe(id, j.topic.clone(), j.sub, j.recover.map(Into::into))
+                    .with_presence(j.presence.clone())
             }
             Pending::Publish(p) => {
                 Up::publish(id, p.topic.clone(), p.event.clone(), p.payload.clone())
@@ -198,9 +218,12 @@ impl Pending {
                 Ask::History { since, limit } => {
                     Up::history(id, a.topic.clone(), since.map(Into::into), *limit)
                 }
-                Ask::Inspect => Up::inspect(id, a.topic.clone()),
+                Ask::Inspect { presence } => Up::inspect(id, a.topic.clone(), *presence),
                 Ask::Disconnect { sub } => Up::disconnect(id, sub.clone()),
             },
+            Pending::Track {
+                topic, sub, meta, ..
+            } => Up::track(id, topic.clone(), *sub, meta.clone()),
         }
     }
 
@@ -210,7 +233,7 @@ impl Pending {
             Pending::Join(j) => j.replay.push(message),
             Pending::Move(m) => m.replay.push(message),
             Pending::Api(a) => a.replay.push(message),
-            Pending::Publish(_) | Pending::Unsubscribe { .. } => {}
+            Pending::Publish(_) | Pending::Unsubscribe { .. } | Pending::Track { .. } => {}
         }
     }
 }

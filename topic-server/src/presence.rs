@@ -1,0 +1,656 @@
+//! A topic's presence (Phoenix Presence), held by its owner: who is in the topic, by key (the
+//! user), each tracked subscriber with its meta and a `phx_ref`; and what changed since the
+//! last diff.
+//!
+//! Plain data, no IO (callers pass the time). Entries hang off the gateway stream that holds
+//! their subscriber, so the end of a stream takes exactly its entries (their leaves go in the
+//! next diff). A handed-over topic's entries wait as they were for their gateway to move its
+//! subscribers here (they are adopted: nobody sees a leave or a join), and leave if it does
+//! not within [`ADOPT_WITHIN`].
+//!
+//! Diffs are batched: changes gather until [`Presence::flush`] (the service calls it every
+//! `TOPIC_SERVER_PRESENCE_INTERVAL_MS`). A joiner's state is the state as of the last flush,
+//! so that the next diff brings it exactly what changed since. Above `listed_max` members a
+//! topic's presence is counted, not listed: joiners get `presence_stats`, and a
+//! `presence_stats` replaces each diff (when the counts changed); at half that it is listed
+//! again, announced with a whole `presence_state`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// How long a handed-over topic's entries wait for their gateway to move its subscribers.
+pub const ADOPT_WITHIN: Duration = Duration::from_secs(10);
+/// Bytes counted per entry beyond its strings (maps, the diff lists).
+const ENTRY_OVERHEAD: usize = 96;
+
+/// One tracked subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub key: Box<str>,
+    pub phx_ref: Box<str>,
+    /// A JSON object, compact.
+    pub meta: Box<str>,
+}
+
+impl Entry {
+    fn bytes(&self) -> usize {
+        self.key.len() + self.phx_ref.len() + self.meta.len() + ENTRY_OVERHEAD
+    }
+
+    /// The meta as Phoenix shows it: the meta's fields and `phx_ref`.
+    fn meta_json(&self, out: &mut String) {
+        out.push_str(r#"{"phx_ref":"#);
+        out.push_str(&json_string(&self.phx_ref));
+        if self.meta.len() > 2 {
+            out.push(',');
+            out.push_str(&self.meta[1..]);
+        } else {
+            out.push('}');
+        }
+    }
+}
+
+/// How much presence a topic may hold and list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceLimits {
+    /// Members above which the presence is counted, not listed.
+    pub listed_max: usize,
+    /// Members at most; a track beyond is refused.
+    pub max_members: usize,
+}
+
+impl Default for PresenceLimits {
+    fn default() -> Self {
+        PresenceLimits {
+            listed_max: 1000,
+            max_members: 100_000,
+        }
+    }
+}
+
+/// A track refused: the topic has `max_members` already.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Full;
+
+/// An entry handed over, waiting for its gateway.
+#[derive(Debug)]
+struct Orphan {
+    gateway_id: Box<str>,
+    subscriber: u64,
+    entry: Entry,
+    until: Instant,
+}
+
+/// An entry handed over with its topic: the gateway that holds it, its subscriber, itself.
+pub type HandedOver = (String, u64, Entry);
+
+/// The presence of one topic. `G` identifies a gateway's stream.
+#[derive(Debug)]
+pub struct Presence<G> {
+    members: Vec<(G, HashMap<u64, Entry>)>,
+    orphans: Vec<Orphan>,
+    /// Changes since the last flush.
+    joins: Vec<Entry>,
+    leaves: Vec<Entry>,
+    /// Members per key.
+    keys: HashMap<Box<str>, usize>,
+    count: usize,
+    bytes: usize,
+    /// Counted, not listed.
+    stats: bool,
+    /// The counts last sent while counted.
+    sent: (usize, usize),
+    /// Something to flush (a change, or a switch between listed and counted).
+    dirty: bool,
+}
+
+impl<G> Default for Presence<G> {
+    fn default() -> Self {
+        Presence {
+            members: Vec::new(),
+            orphans: Vec::new(),
+            joins: Vec::new(),
+            leaves: Vec::new(),
+            keys: HashMap::new(),
+            count: 0,
+            bytes: 0,
+            stats: false,
+            sent: (0, 0),
+            dirty: false,
+        }
+    }
+}
+
+impl<G: PartialEq + Clone> Presence<G> {
+    /// No member and none waiting to be adopted.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes held (entries and the changes waiting for the next diff).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Members (tracked subscribers, adopted or not) and distinct keys.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.count, self.keys.len())
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Tracks `subscriber` of `gateway` as `entry` (replacing its earlier entry, if any).
+    pub fn track(
+        &mut self,
+        gateway: &G,
+        subscriber: u64,
+        entry: Entry,
+        limits: &PresenceLimits,
+    ) -> Result<(), Full> {
+        let i = match self.members.iter().position(|(g, _)| g == gateway) {
+            Some(i) => i,
+            None => {
+                self.members.push((gateway.clone(), HashMap::new()));
+                self.members.len() - 1
+            }
+        };
+        let replaced = self.members[i].1.contains_key(&subscriber);
+        if !replaced && self.count >= limits.max_members {
+            if self.members[i].1.is_empty() {
+                self.members.swap_remove(i);
+            }
+            return Err(Full);
+        }
+        if let Some(old) = self.members[i].1.insert(subscriber, entry.clone()) {
+            self.removed(old);
+        }
+        self.added(entry);
+        Ok(())
+    }
+
+    /// Replaces a tracked subscriber's meta (a leave of the old, a join of the new); false if
+    /// it is not tracked.
+    pub fn update(
+        &mut self,
+        gateway: &G,
+        subscriber: u64,
+        meta: Box<str>,
+        phx_ref: Box<str>,
+    ) -> bool {
+        let Some(old) = self
+            .members
+            .iter()
+            .find(|(g, _)| g == gateway)
+            .and_then(|(_, m)| m.get(&subscriber))
+        else {
+            return false;
+        };
+        let entry = Entry {
+            key: old.key.clone(),
+            phx_ref,
+            meta,
+        };
+        let limits = PresenceLimits {
+            listed_max: usize::MAX,
+            max_members: usize::MAX,
+        };
+        self.track(gateway, subscriber, entry, &limits).is_ok()
+    }
+
+    /// Stops tracking a subscriber (it left); false if it was not tracked.
+    pub fn untrack(&mut self, gateway: &G, subscriber: u64) -> bool {
+        let Some(i) = self.members.iter().position(|(g, _)| g == gateway) else {
+            return false;
+        };
+        let Some(old) = self.members[i].1.remove(&subscriber) else {
+            return false;
+        };
+        if self.members[i].1.is_empty() {
+            self.members.swap_remove(i);
+        }
+        self.removed(old);
+        true
+    }
+
+    /// Every entry of a gateway's stream leaves (the stream ended). Returns how many.
+    pub fn drop_gateway(&mut self, gateway: &G) -> usize {
+        let Some(i) = self.members.iter().position(|(g, _)| g == gateway) else {
+            return 0;
+        };
+        let (_, entries) = self.members.swap_remove(i);
+        let n = entries.len();
+        for (_, old) in entries {
+            self.removed(old);
+        }
+        n
+    }
+
+    /// A gateway moved `subscriber` here: its handed-over entry becomes a member as it was,
+    /// with no change to anyone. False if there was none.
+    pub fn adopt(&mut self, gateway: &G, gateway_id: &str, subscriber: u64) -> bool {
+        let Some(i) = self
+            .orphans
+            .iter()
+            .position(|o| &*o.gateway_id == gateway_id && o.subscriber == subscriber)
+        else {
+            return false;
+        };
+        let orphan = self.orphans.swap_remove(i);
+        match self.members.iter_mut().find(|(g, _)| g == gateway) {
+            Some((_, entries)) => {
+                entries.insert(subscriber, orphan.entry);
+            }
+            None => self
+                .members
+                .push((gateway.clone(), HashMap::from([(subscriber, orphan.entry)]))),
+        }
+        true
+    }
+
+    /// Handed-over entries not adopted in time leave.
+    pub fn expire(&mut self, now: Instant) {
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.orphans)
+            .into_iter()
+            .partition(|o| o.until <= now);
+        self.orphans = kept;
+        for orphan in gone {
+            self.removed(orphan.entry);
+        }
+    }
+
+    /// Everything, for the topic's new owner (the changes not flushed yet were flushed by the
+    /// caller first): entries by the id of the gateway that holds them.
+    pub fn hand_over(self, gateway_id: impl Fn(&G) -> String) -> Vec<HandedOver> {
+        let mut all = Vec::with_capacity(self.count);
+        for (g, entries) in self.members {
+            let id = gateway_id(&g);
+            all.extend(entries.into_iter().map(|(s, e)| (id.clone(), s, e)));
+        }
+        all.extend(
+            self.orphans
+                .into_iter()
+                .map(|o| (o.gateway_id.into(), o.subscriber, o.entry)),
+        );
+        all
+    }
+
+    /// Takes over entries handed over by the previous owner, to be adopted until `until`.
+    pub fn install(&mut self, entries: Vec<HandedOver>, until: Instant, limits: &PresenceLimits) {
+        for (gateway_id, subscriber, entry) in entries.into_iter().take(limits.max_members) {
+            self.count += 1;
+            self.bytes += entry.bytes();
+            *self.keys.entry(entry.key.clone()).or_default() += 1;
+            self.orphans.push(Orphan {
+                gateway_id: gateway_id.into(),
+                subscriber,
+                entry,
+                until,
+            });
+        }
+        self.stats = self.count > limits.listed_max;
+    }
+
+    /// What a joiner gets: the state as of the last flush (`presence_state`), or the counts
+    /// (`presence_stats`) when there are too many members to list.
+    pub fn snapshot(&self) -> (&'static str, String) {
+        if self.stats {
+            return ("presence_stats", self.stats_json());
+        }
+        let joined: HashSet<&str> = self.joins.iter().map(|e| &*e.phx_ref).collect();
+        let flushed = self
+            .entries()
+            .filter(|e| !joined.contains(&*e.phx_ref))
+            .chain(self.leaves.iter().filter(|e| !joined.contains(&*e.phx_ref)));
+        ("presence_state", state_json(flushed))
+    }
+
+    /// The whole state now (the backend API).
+    pub fn state(&self) -> String {
+        state_json(self.entries())
+    }
+
+    /// What changed since the last flush, for every subscriber of the topic: a
+    /// `presence_diff`, a `presence_stats` (counted) or a whole `presence_state` (listed
+    /// again). `None`: nothing to say.
+    pub fn flush(&mut self, limits: &PresenceLimits) -> Option<(&'static str, String)> {
+        if !self.dirty {
+            return None;
+        }
+        self.dirty = false;
+        let (joins, leaves) = (
+            std::mem::take(&mut self.joins),
+            std::mem::take(&mut self.leaves),
+        );
+        self.bytes -= joins.iter().chain(&leaves).map(Entry::bytes).sum::<usize>();
+        if !self.stats && self.count > limits.listed_max {
+            self.stats = true;
+        } else if self.stats && self.count <= limits.listed_max / 2 {
+            self.stats = false;
+            return Some(("presence_state", self.state()));
+        }
+        if self.stats {
+            let counts = self.counts();
+            if counts == self.sent {
+                return None;
+            }
+            self.sent = counts;
+            return Some(("presence_stats", self.stats_json()));
+        }
+        if joins.is_empty() && leaves.is_empty() {
+            return None;
+        }
+        let mut diff = String::from(r#"{"joins":"#);
+        diff.push_str(&state_json(joins.iter()));
+        diff.push_str(r#","leaves":"#);
+        diff.push_str(&state_json(leaves.iter()));
+        diff.push('}');
+        Some(("presence_diff", diff))
+    }
+
+    fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.members
+            .iter()
+            .flat_map(|(_, m)| m.values())
+            .chain(self.orphans.iter().map(|o| &o.entry))
+    }
+
+    fn stats_json(&self) -> String {
+        let (members, keys) = self.counts();
+        format!(r#"{{"members":{members},"keys":{keys}}}"#)
+    }
+
+    fn added(&mut self, entry: Entry) {
+        self.count += 1;
+        self.bytes += 2 * entry.bytes();
+        *self.keys.entry(entry.key.clone()).or_default() += 1;
+        self.joins.push(entry);
+        self.dirty = true;
+    }
+
+    fn removed(&mut self, entry: Entry) {
+        self.count -= 1;
+        // Its bytes stay counted in the pending leaves until the flush.
+        if let Some(n) = self.keys.get_mut(&entry.key) {
+            *n -= 1;
+            if *n == 0 {
+                self.keys.remove(&entry.key);
+            }
+        }
+        self.leaves.push(entry);
+        self.dirty = true;
+    }
+}
+
+/// `{"<key>": {"metas": [{"phx_ref": ..., ...meta}, ...]}, ...}`, keys in order.
+fn state_json<'a>(entries: impl Iterator<Item = &'a Entry>) -> String {
+    let mut by_key: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
+    for e in entries {
+        by_key.entry(&e.key).or_default().push(e);
+    }
+    let mut out = String::from("{");
+    for (i, (key, entries)) in by_key.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&json_string(key));
+        out.push_str(r#":{"metas":["#);
+        for (j, e) in entries.into_iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            e.meta_json(&mut out);
+        }
+        out.push_str("]}");
+    }
+    out.push('}');
+    out
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes")
+}
+
+/// Checks a presence meta from a gateway: a JSON object of at most
+/// [`ringcast_proto::MAX_PRESENCE_META_BYTES`]; returns it compact.
+pub fn meta_of(meta: &[u8]) -> Option<Box<str>> {
+    if meta.len() > 4 * ringcast_proto::MAX_PRESENCE_META_BYTES {
+        return None;
+    }
+    let value: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(meta).ok()?;
+    let compact = serde_json::to_string(&value).ok()?;
+    (compact.len() <= ringcast_proto::MAX_PRESENCE_META_BYTES && !value.contains_key("phx_ref"))
+        .then(|| compact.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn entry(key: &str, phx_ref: &str, meta: &str) -> Entry {
+        Entry {
+            key: key.into(),
+            phx_ref: phx_ref.into(),
+            meta: meta.into(),
+        }
+    }
+
+    fn limits(listed_max: usize) -> PresenceLimits {
+        PresenceLimits {
+            listed_max,
+            max_members: 100,
+        }
+    }
+
+    fn parse(text: &str) -> Value {
+        serde_json::from_str(text).unwrap()
+    }
+
+    /// A phoenix.js client's state: `presence_state` then each diff (joins, then leaves).
+    #[derive(Default)]
+    struct Client(serde_json::Map<String, Value>);
+
+    impl Client {
+        fn apply(&mut self, event: &str, payload: &str) {
+            let payload = parse(payload);
+            match event {
+                "presence_state" => self.0 = payload.as_object().unwrap().clone(),
+                "presence_diff" => {
+                    for (key, joined) in payload["joins"].as_object().unwrap() {
+                        let metas = self.0.entry(key.clone()).or_insert(json!({"metas": []}));
+                        let list = metas["metas"].as_array_mut().unwrap();
+                        for m in joined["metas"].as_array().unwrap() {
+                            if !list.iter().any(|x| x["phx_ref"] == m["phx_ref"]) {
+                                list.push(m.clone());
+                            }
+                        }
+                    }
+                    for (key, left) in payload["leaves"].as_object().unwrap() {
+                        if let Some(metas) = self.0.get_mut(key) {
+                            let refs: Vec<&Value> = left["metas"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .map(|m| &m["phx_ref"])
+                                .collect();
+                            metas["metas"]
+                                .as_array_mut()
+                                .unwrap()
+                                .retain(|m| !refs.contains(&&m["phx_ref"]));
+                            if metas["metas"].as_array().unwrap().is_empty() {
+                                self.0.remove(key);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        /// Keys to sorted refs.
+        fn refs(&self) -> BTreeMap<String, Vec<String>> {
+            self.0
+                .iter()
+                .map(|(k, v)| {
+                    let mut refs: Vec<String> = v["metas"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|m| m["phx_ref"].as_str().unwrap().to_owned())
+                        .collect();
+                    refs.sort();
+                    (k.clone(), refs)
+                })
+                .collect()
+        }
+    }
+
+    fn owner_refs(p: &Presence<u8>) -> BTreeMap<String, Vec<String>> {
+        let mut c = Client::default();
+        c.apply("presence_state", &p.state());
+        c.refs()
+    }
+
+    #[test]
+    fn joiners_and_watchers_end_up_with_the_owners_state() {
+        let mut p = Presence::<u8>::default();
+        let l = limits(10);
+        let mut early = Client::default();
+        let (event, state) = p.snapshot();
+        early.apply(event, &state);
+        p.track(&1, 1, entry("alice", "r1", r#"{"tab":1}"#), &l)
+            .unwrap();
+        p.track(&2, 7, entry("alice", "r2", r#"{"tab":2}"#), &l)
+            .unwrap();
+        // A joiner in the middle of an interval: the state as of the last flush.
+        let mut middle = Client::default();
+        let (event, state) = p.snapshot();
+        assert_eq!(parse(&state), json!({}));
+        middle.apply(event, &state);
+        p.track(&1, 2, entry("bob", "r3", "{}"), &l).unwrap();
+        let (event, diff) = p.flush(&l).unwrap();
+        assert_eq!(event, "presence_diff");
+        for c in [&mut early, &mut middle] {
+            c.apply(event, &diff);
+        }
+        assert_eq!(
+            parse(&diff)["joins"]["alice"]["metas"][0],
+            json!({"phx_ref": "r1", "tab": 1})
+        );
+        assert_eq!(early.refs(), owner_refs(&p));
+        // A meta update, a leave, a stream that ends: one diff.
+        assert!(p.update(&1, 1, r#"{"tab":9}"#.into(), "r4".into()));
+        assert!(p.untrack(&1, 2));
+        assert!(!p.untrack(&1, 2), "once");
+        assert_eq!(p.drop_gateway(&2), 1);
+        let mut late = Client::default();
+        let (event, state) = p.snapshot();
+        late.apply(event, &state);
+        let (event, diff) = p.flush(&l).unwrap();
+        for c in [&mut early, &mut middle, &mut late] {
+            c.apply(event, &diff);
+            assert_eq!(c.refs(), owner_refs(&p));
+        }
+        assert_eq!(
+            owner_refs(&p),
+            BTreeMap::from([("alice".into(), vec!["r4".into()])])
+        );
+        assert_eq!(p.flush(&l), None, "nothing new");
+    }
+
+    #[test]
+    fn a_join_and_leave_in_one_interval_leave_no_trace() {
+        let mut p = Presence::<u8>::default();
+        let l = limits(10);
+        p.track(&1, 1, entry("a", "r1", "{}"), &l).unwrap();
+        let (_, before) = p.snapshot();
+        p.untrack(&1, 1);
+        let mut c = Client::default();
+        c.apply("presence_state", &before);
+        let (event, diff) = p.flush(&l).unwrap();
+        c.apply(event, &diff);
+        assert!(c.refs().is_empty());
+        assert!(p.is_empty());
+        assert_eq!(p.bytes(), 0, "nothing held once flushed");
+    }
+
+    #[test]
+    fn handed_over_entries_are_adopted_silently_or_leave_in_time() {
+        let now = Instant::now();
+        let l = limits(10);
+        let mut old = Presence::<u8>::default();
+        old.track(&1, 1, entry("a", "r1", "{}"), &l).unwrap();
+        old.track(&2, 5, entry("b", "r2", "{}"), &l).unwrap();
+        old.flush(&l);
+        let handed = old.hand_over(|g| format!("gw-{g}"));
+        let mut new = Presence::<u8>::default();
+        new.install(handed, now + ADOPT_WITHIN, &l);
+        assert_eq!(new.counts(), (2, 2));
+        assert_eq!(parse(&new.snapshot().1).as_object().unwrap().len(), 2);
+        assert!(new.adopt(&9, "gw-1", 1));
+        assert!(!new.adopt(&9, "gw-1", 1), "once");
+        assert_eq!(new.flush(&l), None, "no diff for a move");
+        new.expire(now + ADOPT_WITHIN);
+        let (_, diff) = new.flush(&l).unwrap();
+        assert_eq!(parse(&diff)["leaves"]["b"]["metas"][0]["phx_ref"], "r2");
+        assert_eq!(new.counts(), (1, 1));
+        // The adopted one belongs to its new stream now.
+        assert_eq!(new.drop_gateway(&9), 1);
+    }
+
+    #[test]
+    fn a_crowd_is_counted_not_listed_and_listed_again_when_it_thins() {
+        let l = limits(4);
+        let mut p = Presence::<u8>::default();
+        for s in 0..5 {
+            p.track(
+                &1,
+                s,
+                entry(&format!("u{}", s % 3), &format!("r{s}"), "{}"),
+                &l,
+            )
+            .unwrap();
+        }
+        let (event, stats) = p.flush(&l).unwrap();
+        assert_eq!(
+            (event, parse(&stats)),
+            ("presence_stats", json!({"members": 5, "keys": 3}))
+        );
+        assert_eq!(p.snapshot().0, "presence_stats");
+        p.untrack(&1, 4);
+        assert_eq!(p.flush(&l).unwrap().0, "presence_stats");
+        p.untrack(&1, 3);
+        p.untrack(&1, 2);
+        let (event, state) = p.flush(&l).unwrap();
+        assert_eq!(event, "presence_state", "listed again, whole");
+        assert_eq!(parse(&state).as_object().unwrap().len(), 2);
+        assert_eq!(p.snapshot().0, "presence_state");
+    }
+
+    #[test]
+    fn tracks_are_bounded_and_metas_checked() {
+        let l = PresenceLimits {
+            listed_max: 10,
+            max_members: 2,
+        };
+        let mut p = Presence::<u8>::default();
+        p.track(&1, 1, entry("a", "r1", "{}"), &l).unwrap();
+        p.track(&2, 1, entry("a", "r2", "{}"), &l).unwrap();
+        assert_eq!(p.track(&3, 1, entry("a", "r3", "{}"), &l), Err(Full));
+        assert!(
+            p.track(&2, 1, entry("a", "r4", "{}"), &l).is_ok(),
+            "a replacement"
+        );
+        assert_eq!(
+            meta_of(br#"{ "a" : [1, 2] }"#).as_deref(),
+            Some(r#"{"a":[1,2]}"#)
+        );
+        assert_eq!(meta_of(b"[1]"), None);
+        assert_eq!(meta_of(b"{"), None);
+        assert_eq!(meta_of(br#"{"phx_ref":"forged"}"#), None);
+        let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(2000));
+        assert_eq!(meta_of(big.as_bytes()), None);
+    }
+}
