@@ -9,6 +9,8 @@
 #   BENCH_CLIENTS="tasks epoll"      which clients to run (ringcast-load --client)
 #   BENCH_SERVER_THREADS=1           TOKIO_WORKER_THREADS of every server process (default: one per core)
 #   BENCH_BIN=dir                    binaries to measure (default: build target/release)
+#   BENCH_ONLY="presence conns"      only these sections (fanout_a crossnode fanout_b topics
+#                                    latency conns presence; default: all)
 #
 # Servers, each started afresh for every workload, one after another, so that the two sides
 # of a ratio run minutes apart at most:
@@ -37,6 +39,8 @@ P99=${BENCH_P99_MS:-100}
 STEP=${BENCH_STEP_SECS:-3}
 CLIENTS=${BENCH_CLIENTS:-tasks epoll}
 SERVER_THREADS=${BENCH_SERVER_THREADS:-}
+ONLY=${BENCH_ONLY:-}
+want() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
 export RUST_LOG=${RUST_LOG:-warn}
 
 if [ -n "${BENCH_BIN:-}" ]; then
@@ -149,10 +153,10 @@ run() { # name workload args...: runs the generator against $url, watching $watc
 }
 
 if [ "$QUICK" = 1 ]; then
-  SUBS_A=500; SUBS_B=2000; TOPICS=1000; CONNS=3000; CONNS4=6000; STEP=1
+  SUBS_A=500; SUBS_B=2000; TOPICS=1000; CONNS=3000; CONNS4=6000; STEP=1; PRESENCE_MEMBERS="1000"
   CLIENTS=${BENCH_CLIENTS:-tasks}
 else
-  SUBS_A=2000; SUBS_B=10000; TOPICS=10000; CONNS=15000; CONNS4=60000
+  SUBS_A=2000; SUBS_B=10000; TOPICS=10000; CONNS=15000; CONNS4=60000; PRESENCE_MEMBERS="10000 1000"
 fi
 
 # ramp WORKLOAD_NAME SERVERS... -- ARGS: for each server and client, a fresh server and one run.
@@ -171,31 +175,53 @@ ramp() {
   done
 }
 
-ramp fanout_a embedded split one bare bare-split -- \
-  fanout --subscribers $SUBS_A --start-rate 100 --step-secs "$STEP" --p99-ms "$P99"
-# Cross-node messages per publish: one delivery per gateway with subscribers.
-start split
-p0=$(ts_counter publishes); d0=$(ts_counter deliveries)
-run crossnode fanout --subscribers 200 --start-rate 200 --fixed --step-secs 2 --client tasks
-p1=$(ts_counter publishes); d1=$(ts_counter deliveries)
-echo "$((d1 - d0)) $((p1 - p0))" >"$out/crossnode"
-stop_all
-ramp fanout_b embedded split bare bare-split -- \
-  fanout --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms 500
-ramp topics embedded split -- \
-  topics --topics $TOPICS --subscribers 10 --start-rate 2000 --step-secs "$STEP" --p99-ms "$P99"
-ramp latency split bare -- \
-  fanout --subscribers 1000 --start-rate 100 --fixed --step-secs 5 --p99-ms 10
-start bare
-run conns.bare conns --connections $CONNS --hold-secs 1 --client epoll
-stop_all
-start cluster 1
-run conns.cluster conns --connections $CONNS --hold-secs 4 --client epoll
-stop_all
-start cluster 4
-run conns4.cluster conns --connections $CONNS4 --procs 4 --hold-secs 4 --client epoll
-rss_report "conns $CONNS4 over 4 gateways"
-stop_all
+if want fanout_a; then
+  ramp fanout_a embedded split one bare bare-split -- \
+    fanout --subscribers $SUBS_A --start-rate 100 --step-secs "$STEP" --p99-ms "$P99"
+fi
+if want crossnode; then
+  # Cross-node messages per publish: one delivery per gateway with subscribers.
+  start split
+  p0=$(ts_counter publishes); d0=$(ts_counter deliveries)
+  run crossnode fanout --subscribers 200 --start-rate 200 --fixed --step-secs 2 --client tasks
+  p1=$(ts_counter publishes); d1=$(ts_counter deliveries)
+  echo "$((d1 - d0)) $((p1 - p0))" >"$out/crossnode"
+  stop_all
+fi
+if want fanout_b; then
+  ramp fanout_b embedded split bare bare-split -- \
+    fanout --subscribers $SUBS_B --start-rate 10 --step-secs "$STEP" --p99-ms 500
+fi
+if want topics; then
+  ramp topics embedded split -- \
+    topics --topics $TOPICS --subscribers 10 --start-rate 2000 --step-secs "$STEP" --p99-ms "$P99"
+fi
+if want latency; then
+  ramp latency split bare -- \
+    fanout --subscribers 1000 --start-rate 100 --fixed --step-secs 5 --p99-ms 10
+fi
+if want conns; then
+  start bare
+  run conns.bare conns --connections $CONNS --hold-secs 1 --client epoll
+  stop_all
+  start cluster 1
+  run conns.cluster conns --connections $CONNS --hold-secs 4 --client epoll
+  stop_all
+  start cluster 4
+  run conns4.cluster conns --connections $CONNS4 --procs 4 --hold-secs 4 --client epoll
+  rss_report "conns $CONNS4 over 4 gateways"
+  stop_all
+fi
+if want presence; then
+  # Presence on one topic across the two gateways: counted (10,000 members, above
+  # TOPIC_SERVER_PRESENCE_LIST_MAX) and listed (1,000), joins then churn.
+  for members in $PRESENCE_MEMBERS; do
+    start split
+    run "presence.$members" presence --members "$members" --churn 100 --churn-secs 5
+    rss_report "presence $members members"
+    stop_all
+  done
+fi
 
 python3 scripts/bench_report.py "$out" "$P99" "$CLIENTS" | tee "$out/report.txt"
 echo "(kept in $out)" >&2

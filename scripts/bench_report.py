@@ -136,6 +136,12 @@ try:
     conns_rows.append(("cross-node messages per publish (2 gateways subscribed)", f"{deliveries / publishes:.3f} ({deliveries:,} deliveries for {publishes:,} publishes)"))
 except (OSError, ValueError, ZeroDivisionError):
     pass
+for name in sorted((f[:-5] for f in os.listdir(out) if f.startswith("presence.") and f.endswith(".json")), key=lambda n: -int(n.split(".")[1])):
+    p = load(name)
+    if not p:
+        continue
+    conns_rows.append((f"presence, {p['members']:,} members of one topic on 2 gateways: joins", f"{p['joins_per_s']:,.0f} joins/s (connect included); {p['join_presence_frames']:,} presence frames, {p['join_presence_bytes'] / 1e6:.1f} MB while joining"))
+    conns_rows.append((f"  churn {p['churn_per_s']:.0f} leave+join/s", f"{p['churn_presence_frames_per_s']:,.0f} presence frames/s, {p['churn_presence_bytes_per_s'] / 1e6:.2f} MB/s to all members"))
 
 
 def cpu(name):

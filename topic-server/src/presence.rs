@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 /// How long a handed-over topic's entries wait for their gateway to move its subscribers.
 pub const ADOPT_WITHIN: Duration = Duration::from_secs(10);
+/// How often counts go out while a topic's presence is counted, at most.
+pub const STATS_EVERY: Duration = Duration::from_secs(1);
 /// Bytes counted per entry beyond its strings (maps, the diff lists).
 const ENTRY_OVERHEAD: usize = 96;
 
@@ -98,8 +100,9 @@ pub struct Presence<G> {
     bytes: usize,
     /// Counted, not listed.
     stats: bool,
-    /// The counts last sent while counted.
+    /// The counts last sent while counted, and when.
     sent: (usize, usize),
+    sent_at: Option<Instant>,
     /// Something to flush (a change, or a switch between listed and counted).
     dirty: bool,
 }
@@ -116,6 +119,7 @@ impl<G> Default for Presence<G> {
             bytes: 0,
             stats: false,
             sent: (0, 0),
+            sent_at: None,
             dirty: false,
         }
     }
@@ -312,9 +316,13 @@ impl<G: PartialEq + Clone> Presence<G> {
     }
 
     /// What changed since the last flush, for every subscriber of the topic: a
-    /// `presence_diff`, a `presence_stats` (counted) or a whole `presence_state` (listed
-    /// again). `None`: nothing to say.
-    pub fn flush(&mut self, limits: &PresenceLimits) -> Option<(&'static str, String)> {
+    /// `presence_diff`, a `presence_stats` (counted; at most once per [`STATS_EVERY`]) or a
+    /// whole `presence_state` (listed again). `None`: nothing to say (yet).
+    pub fn flush(
+        &mut self,
+        limits: &PresenceLimits,
+        now: Instant,
+    ) -> Option<(&'static str, String)> {
         if !self.dirty {
             return None;
         }
@@ -335,7 +343,15 @@ impl<G: PartialEq + Clone> Presence<G> {
             if counts == self.sent {
                 return None;
             }
-            self.sent = counts;
+            if self
+                .sent_at
+                .is_some_and(|at| now.saturating_duration_since(at) < STATS_EVERY)
+            {
+                // Said at the next flush after the second is up.
+                self.dirty = true;
+                return None;
+            }
+            (self.sent, self.sent_at) = (counts, Some(now));
             return Some(("presence_stats", self.stats_json()));
         }
         if joins.is_empty() && leaves.is_empty() {
@@ -444,6 +460,12 @@ mod tests {
         }
     }
 
+    /// A fixed instant: counts are throttled per second (`counts_go_out_at_most_once_a_second`).
+    fn t0() -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
     fn parse(text: &str) -> Value {
         serde_json::from_str(text).unwrap()
     }
@@ -530,7 +552,7 @@ mod tests {
         assert_eq!(parse(&state), json!({}));
         middle.apply(event, &state);
         p.track(&1, 2, entry("bob", "r3", "{}"), &l).unwrap();
-        let (event, diff) = p.flush(&l).unwrap();
+        let (event, diff) = p.flush(&l, t0()).unwrap();
         assert_eq!(event, "presence_diff");
         for c in [&mut early, &mut middle] {
             c.apply(event, &diff);
@@ -548,7 +570,7 @@ mod tests {
         let mut late = Client::default();
         let (event, state) = p.snapshot();
         late.apply(event, &state);
-        let (event, diff) = p.flush(&l).unwrap();
+        let (event, diff) = p.flush(&l, t0()).unwrap();
         for c in [&mut early, &mut middle, &mut late] {
             c.apply(event, &diff);
             assert_eq!(c.refs(), owner_refs(&p));
@@ -557,7 +579,7 @@ mod tests {
             owner_refs(&p),
             BTreeMap::from([("alice".into(), vec!["r4".into()])])
         );
-        assert_eq!(p.flush(&l), None, "nothing new");
+        assert_eq!(p.flush(&l, t0()), None, "nothing new");
     }
 
     #[test]
@@ -569,7 +591,7 @@ mod tests {
         p.untrack(&1, 1);
         let mut c = Client::default();
         c.apply("presence_state", &before);
-        let (event, diff) = p.flush(&l).unwrap();
+        let (event, diff) = p.flush(&l, t0()).unwrap();
         c.apply(event, &diff);
         assert!(c.refs().is_empty());
         assert!(p.is_empty());
@@ -583,7 +605,7 @@ mod tests {
         let mut old = Presence::<u8>::default();
         old.track(&1, 1, entry("a", "r1", "{}"), &l).unwrap();
         old.track(&2, 5, entry("b", "r2", "{}"), &l).unwrap();
-        old.flush(&l);
+        old.flush(&l, t0());
         let handed = old.hand_over(|g| format!("gw-{g}"));
         let mut new = Presence::<u8>::default();
         new.install(handed, now + ADOPT_WITHIN, &l);
@@ -591,9 +613,9 @@ mod tests {
         assert_eq!(parse(&new.snapshot().1).as_object().unwrap().len(), 2);
         assert!(new.adopt(&9, "gw-1", 1));
         assert!(!new.adopt(&9, "gw-1", 1), "once");
-        assert_eq!(new.flush(&l), None, "no diff for a move");
+        assert_eq!(new.flush(&l, t0()), None, "no diff for a move");
         new.expire(now + ADOPT_WITHIN);
-        let (_, diff) = new.flush(&l).unwrap();
+        let (_, diff) = new.flush(&l, t0()).unwrap();
         assert_eq!(parse(&diff)["leaves"]["b"]["metas"][0]["phx_ref"], "r2");
         assert_eq!(new.counts(), (1, 1));
         // The adopted one belongs to its new stream now.
@@ -613,17 +635,24 @@ mod tests {
             )
             .unwrap();
         }
-        let (event, stats) = p.flush(&l).unwrap();
+        let (event, stats) = p.flush(&l, t0()).unwrap();
         assert_eq!(
             (event, parse(&stats)),
             ("presence_stats", json!({"members": 5, "keys": 3}))
         );
         assert_eq!(p.snapshot().0, "presence_stats");
+        // Counts go out at most once a second: the change waits for the next one.
         p.untrack(&1, 4);
-        assert_eq!(p.flush(&l).unwrap().0, "presence_stats");
+        let soon = t0() + STATS_EVERY / 2;
+        assert_eq!(p.flush(&l, soon), None);
+        let (event, stats) = p.flush(&l, t0() + STATS_EVERY).unwrap();
+        assert_eq!(
+            (event, parse(&stats)["members"].as_u64()),
+            ("presence_stats", Some(4))
+        );
         p.untrack(&1, 3);
         p.untrack(&1, 2);
-        let (event, state) = p.flush(&l).unwrap();
+        let (event, state) = p.flush(&l, t0()).unwrap();
         assert_eq!(event, "presence_state", "listed again, whole");
         assert_eq!(parse(&state).as_object().unwrap().len(), 2);
         assert_eq!(p.snapshot().0, "presence_state");

@@ -274,7 +274,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     }
 
     /// The presence news of every topic that changed since the last call.
-    pub fn flush_presence(&mut self) -> Vec<PresenceNews<'_, G>> {
+    pub fn flush_presence(&mut self, now: Instant) -> Vec<PresenceNews<'_, G>> {
         let limits = self.presence_limits;
         let mut news = Vec::new();
         for topic in std::mem::take(&mut self.dirty) {
@@ -282,8 +282,12 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
                 continue;
             };
             let before = state.presence.bytes();
-            let flushed = state.presence.flush(&limits);
+            let flushed = state.presence.flush(&limits, now);
             self.presence_bytes = self.presence_bytes + state.presence.bytes() - before;
+            if state.presence.is_dirty() {
+                // Counts held back for a while: asked again at the next flush.
+                self.dirty.insert(topic.clone());
+            }
             if let Some((event, payload)) = flushed {
                 news.push((topic, event, payload));
             }
@@ -573,7 +577,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         self.names -= topic.len();
         self.dirty.remove(topic);
         self.presence_bytes -= state.presence.bytes();
-        let presence_flush = state.presence.flush(&limits);
+        let presence_flush = state.presence.flush(&limits, now);
         let subscribers: usize = state.gateways.iter().map(|(_, s)| s.len()).sum();
         self.subscriptions -= subscribers;
         self.forget(Dropped {
@@ -937,17 +941,17 @@ mod tests {
         old.track("t", &"gw-b", 2, "bob", r#"{"x":1}"#.into())
             .unwrap();
         assert!(old.held_bytes() > empty);
-        let news = old.flush_presence();
+        let news = old.flush_presence(now);
         assert_eq!(news.len(), 1);
         let (topic, event, _, gateways) = &news[0];
         assert_eq!(
             (topic.as_str(), *event, gateways.len()),
             ("t", "presence_diff", 2)
         );
-        assert!(old.flush_presence().is_empty(), "flushed");
+        assert!(old.flush_presence(now).is_empty(), "flushed");
         // A stream's end: its entries leave.
         old.drop_gateway(&"gw-b");
-        let news = old.flush_presence();
+        let news = old.flush_presence(now);
         assert!(news[0].2.contains(r#""leaves":{"bob""#), "{}", news[0].2);
         // Handed over with the topic, adopted by the gateway's move: no news.
         sub(&mut old, "t", "gw-b", 3);
@@ -968,13 +972,13 @@ mod tests {
             handed.presence,
             now
         ));
-        assert!(new.flush_presence().is_empty());
+        assert!(new.flush_presence(now).is_empty());
         new.subscribe("t", &"link-7", 1, None, now);
         new.adopt("t", &"link-7", "gw-a", 1);
         assert!(new.presence_snapshot("t").1.contains("alice"));
         // Carol's gateway never moves her: she leaves once the wait is over.
         new.expire(now + crate::presence::ADOPT_WITHIN);
-        let news = new.flush_presence();
+        let news = new.flush_presence(now);
         assert!(news[0].2.contains(r#""leaves":{"carol""#), "{}", news[0].2);
         // Alice leaves with her subscription; the topic goes, and its bytes with it.
         new.unsubscribe("t", &"link-7", 1);

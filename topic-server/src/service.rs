@@ -844,7 +844,7 @@ impl Shared {
     fn flush_presence(&self) {
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
-            for (topic, event, payload, gateways) in shard.registry.flush_presence() {
+            for (topic, event, payload, gateways) in shard.registry.flush_presence(Instant::now()) {
                 let payload = Bytes::from(payload);
                 for gateway in gateways {
                     self.send(

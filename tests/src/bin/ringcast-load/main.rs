@@ -1,8 +1,8 @@
 //! `ringcast-load`: a load generator that speaks the Phoenix protocol as any client would.
 //!
 //! Workloads: `fanout` (S subscribers on one topic, one publisher, a ramp of rates),
-//! `topics` (T topics x S subscribers, publishes spread over topics) and `conns` (C joined
-//! idle connections). Each ramp step reports offered and achieved deliveries/s, loss and
+//! `topics` (T topics x S subscribers, publishes spread over topics), `conns` (C joined
+//! idle connections) and `presence` (M members of one topic with presence, then churn). Each ramp step reports offered and achieved deliveries/s, loss and
 //! publish-to-receive latency; the last line is a JSON summary for scripts.
 //!
 //! Two kinds of client (`--client`): `tasks` (the default) behaves like ordinary clients
@@ -16,6 +16,7 @@ mod client;
 mod conns;
 mod cpu;
 mod fanout;
+mod presence;
 mod receiver;
 mod stats;
 mod topics;
@@ -42,6 +43,9 @@ enum Workload {
     Topics(TopicsArgs),
     /// C joined idle connections, held for a while; reports the connect+join rate.
     Conns(ConnsArgs),
+    /// M members of one topic with presence (spread over the gateways), then churn; reports
+    /// the join rate and the presence traffic the members receive.
+    Presence(PresenceArgs),
 }
 
 /// Shared by every workload.
@@ -230,6 +234,21 @@ struct ConnsArgs {
     worker: Option<usize>,
 }
 
+#[derive(Args, Clone, Debug)]
+struct PresenceArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Members of the topic (each a connection tracking its presence).
+    #[arg(long, default_value_t = 10_000)]
+    members: usize,
+    /// Members that leave and join again per second during the churn.
+    #[arg(long, default_value_t = 100.0)]
+    churn: f64,
+    /// Seconds of churn.
+    #[arg(long, default_value_t = 5.0)]
+    churn_secs: f64,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     raise_file_limit();
@@ -243,6 +262,9 @@ fn main() -> anyhow::Result<()> {
                 topics::run(a.common, a.ramp, a.topics, a.subscribers, a.topics_per_conn).await
             }
             Workload::Conns(a) => conns::run(a).await,
+            Workload::Presence(a) => {
+                presence::run(a.common, a.members, a.churn, a.churn_secs).await
+            }
         }
     })
 }
