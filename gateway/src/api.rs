@@ -171,12 +171,17 @@ fn key_allowed(key: &str, keys: &[String]) -> bool {
 
 /// Reads a JSON body of at most `limit` bytes, unknown fields refused.
 async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("the body is larger than {limit} bytes"),
-        )
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // axum's limit error says so; anything else is a body that could not be read.
+        if format!("{e:#}").contains("length limit") {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the body is larger than {limit} bytes"),
+            )
+        } else {
+            ApiError::bad(format!("cannot read the body: {e}"))
+        }
     })?;
     serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
 }
@@ -241,9 +246,18 @@ fn epoch_text(epoch: u64) -> String {
     format!("{epoch:016x}")
 }
 
-/// Waits for the topic server's answer.
+/// Waits for the topic server's answer, until [`ANSWER_WITHIN`] from now.
 async fn answer(rx: oneshot::Receiver<Result<Answer, String>>) -> Result<Answer, ApiError> {
-    match tokio::time::timeout(ANSWER_WITHIN, rx).await {
+    answer_by(rx, tokio::time::Instant::now() + ANSWER_WITHIN).await
+}
+
+/// Waits for the topic server's answer until `deadline` (one deadline for every answer a
+/// call waits for).
+async fn answer_by(
+    rx: oneshot::Receiver<Result<Answer, String>>,
+    deadline: tokio::time::Instant,
+) -> Result<Answer, ApiError> {
+    match tokio::time::timeout_at(deadline, rx).await {
         Ok(Ok(Ok(answer))) => Ok(answer),
         Ok(Ok(Err(reason))) => Err(ApiError::refused(reason)),
         Ok(Err(_)) => Err(ApiError::refused("unavailable".into())),
@@ -339,8 +353,9 @@ async fn broadcast(State(g): State<Arc<Gateway>>, request: Request) -> ApiResult
         })
         .collect();
     let mut results = Vec::with_capacity(waiting.len());
+    let deadline = tokio::time::Instant::now() + ANSWER_WITHIN;
     for (topic, rx) in waiting {
-        let mut result = match answer(rx).await.and_then(published) {
+        let mut result = match answer_by(rx, deadline).await.and_then(published) {
             Ok(position) => position,
             Err(e) => e.body(),
         };
@@ -371,7 +386,7 @@ struct HistoryQuery {
 async fn history(
     State(g): State<Arc<Gateway>>,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult {
+) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
     check_topic(&g, &q.topic)?;
     let limit = q.limit.unwrap_or(DEFAULT_HISTORY);
@@ -408,21 +423,47 @@ async fn history(
         error.extra = Some(json!({"epoch": epoch_text(at.epoch), "offset": at.offset}));
         return Err(error);
     }
-    let messages: Vec<Value> = messages
+    // Payloads go out as they were published (no re-parse: a payload nested deeper than a
+    // JSON value may be is still a payload).
+    let messages: Vec<HistoryMessage<'_>> = messages
         .iter()
-        .map(|m| {
-            let payload = serde_json::from_slice::<Box<RawValue>>(&m.payload)
-                .map(|raw| json!(raw))
-                .unwrap_or(Value::Null);
-            json!({"offset": m.offset, "event": m.event, "payload": payload})
+        .map(|m| HistoryMessage {
+            offset: m.offset,
+            event: &m.event,
+            payload: raw_json(&m.payload),
         })
         .collect();
-    Ok(axum::Json(json!({
-        "topic": q.topic,
-        "epoch": epoch_text(at.epoch),
-        "offset": at.offset,
-        "messages": messages,
-    })))
+    let answer = HistoryAnswer {
+        topic: &q.topic,
+        epoch: epoch_text(at.epoch),
+        offset: at.offset,
+        messages,
+    };
+    // Serialized straight to the body: the payloads are written as they are.
+    Ok(axum::Json(answer).into_response())
+}
+
+#[derive(serde::Serialize)]
+struct HistoryMessage<'a> {
+    offset: u64,
+    event: &'a str,
+    payload: Box<RawValue>,
+}
+
+#[derive(serde::Serialize)]
+struct HistoryAnswer<'a> {
+    topic: &'a str,
+    epoch: String,
+    offset: u64,
+    messages: Vec<HistoryMessage<'a>>,
+}
+
+/// Stored JSON text as it is (`null` if a topic server sent something that is not JSON).
+fn raw_json(bytes: &[u8]) -> Box<RawValue> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|text| RawValue::from_string(text.to_owned()).ok())
+        .unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"))
 }
 
 #[derive(Deserialize)]
@@ -435,21 +476,9 @@ async fn topic_info(
     State(g): State<Arc<Gateway>>,
     query: Result<Query<TopicQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
-    let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
-    check_topic(&g, &q.topic)?;
-    let owner = g.cluster.owner(&q.topic);
-    let rx = send_read(&g, q.topic.clone(), Ask::Inspect { presence: false });
-    let Answer::Info(info) = answer(rx).await? else {
-        return Err(ApiError::refused("unexpected answer".into()));
-    };
-    if !info.exists {
-        return Err(ApiError::not_found(format!(
-            "no topic {:?} (nobody joined or published it lately)",
-            q.topic
-        )));
-    }
+    let (topic, info, owner) = presence_info(&g, query, false).await?;
     Ok(axum::Json(json!({
-        "topic": q.topic,
+        "topic": topic,
         "owner": &*owner,
         "epoch": epoch_text(info.epoch),
         "offset": info.offset,
@@ -464,33 +493,51 @@ async fn presence_info(
     g: &Gateway,
     query: Result<Query<TopicQuery>, axum::extract::rejection::QueryRejection>,
     state: bool,
-) -> Result<(String, ringcast_proto::TopicInfo), ApiError> {
+) -> Result<(String, ringcast_proto::TopicInfo, Arc<str>), ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
     check_topic(g, &q.topic)?;
     let rx = send_read(g, q.topic.clone(), Ask::Inspect { presence: state });
-    let Answer::Info(info) = answer(rx).await? else {
+    let Answer::Info { info, node } = answer(rx).await? else {
         return Err(ApiError::refused("unexpected answer".into()));
     };
     if !info.exists {
         return Err(ApiError::not_found(format!("no topic {:?}", q.topic)));
     }
-    Ok((q.topic, info))
+    Ok((q.topic, info, node))
 }
 
 async fn presence(
     State(g): State<Arc<Gateway>>,
     query: Result<Query<TopicQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult {
-    let (topic, info) = presence_info(&g, query, true).await?;
-    let state: Value = serde_json::from_slice(&info.presence).unwrap_or_else(|_| json!({}));
-    Ok(axum::Json(json!({"topic": topic, "presence": state})))
+) -> Result<Response, ApiError> {
+    let (topic, info, _) = presence_info(&g, query, true).await?;
+    if info.presence.is_empty() && info.presence_members > 0 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_many_members",
+            format!(
+                "{} members: too many to list (TOPIC_SERVER_PRESENCE_LIST_MAX); ask /api/presence_stats",
+                info.presence_members
+            ),
+        ));
+    }
+    #[derive(serde::Serialize)]
+    struct PresenceAnswer {
+        topic: String,
+        presence: Box<RawValue>,
+    }
+    let presence = match info.presence.is_empty() {
+        true => RawValue::from_string("{}".into()).expect("{} is JSON"),
+        false => raw_json(&info.presence),
+    };
+    Ok(axum::Json(PresenceAnswer { topic, presence }).into_response())
 }
 
 async fn presence_stats(
     State(g): State<Arc<Gateway>>,
     query: Result<Query<TopicQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
-    let (topic, info) = presence_info(&g, query, false).await?;
+    let (topic, info, _) = presence_info(&g, query, false).await?;
     Ok(axum::Json(json!({
         "topic": topic,
         "members": info.presence_members,
@@ -509,8 +556,11 @@ async fn disconnect(State(g): State<Arc<Gateway>>, request: Request) -> ApiResul
     if body.sub.is_empty() || body.sub.len() > 1024 {
         return Err(ApiError::bad("sub: 1 to 1024 bytes"));
     }
-    // Every topic server tells every gateway attached to it: one that answers is enough for
-    // the gateways linked to it; asking all covers a gateway that lost one link.
+    // This gateway's own sockets go at once; every topic server tells every gateway attached
+    // to it: one that answers is enough for the gateways linked to it; asking all covers a
+    // gateway that lost one link.
+    let here = g.conns.disconnect_user(&body.sub);
+    Metrics::add(&g.metrics.disconnected, here as u64);
     let waiting: Vec<_> = g
         .cluster
         .links()
@@ -528,14 +578,12 @@ async fn disconnect(State(g): State<Arc<Gateway>>, request: Request) -> ApiResul
         .collect();
     let asked = waiting.len();
     let mut told = 0;
+    let deadline = tokio::time::Instant::now() + ANSWER_WITHIN;
     for rx in waiting {
-        if matches!(answer(rx).await, Ok(Answer::Disconnected)) {
+        if matches!(answer_by(rx, deadline).await, Ok(Answer::Disconnected)) {
             told += 1;
         }
     }
-    // This gateway's own sockets go at once, whatever the topic servers said.
-    let here = g.conns.disconnect_user(&body.sub);
-    Metrics::add(&g.metrics.disconnected, here as u64);
     if told == 0 && asked > 0 {
         return Err(ApiError::refused("unavailable".into()));
     }

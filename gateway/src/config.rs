@@ -324,8 +324,8 @@ impl Cli {
         let id = self
             .id
             .unwrap_or_else(|| format!("gateway-{}", self.listen.port()));
-        if id.is_empty() {
-            return Err("GATEWAY_ID must not be empty".into());
+        if id.is_empty() || id.len() > 128 {
+            return Err("GATEWAY_ID must be 1 to 128 bytes".into());
         }
         let mut config = Config::new(id, ring);
         config.max_connections = self.max_connections as usize;

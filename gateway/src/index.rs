@@ -320,18 +320,20 @@ impl LocalIndex {
         }
     }
 
-    /// Queues a topic event that is not one of its numbered messages (presence news) to
-    /// every local subscriber of `topic`, in order with its deliveries; returns the frames
-    /// queued.
+    /// Queues a topic event that is not one of its numbered messages (presence news) from
+    /// `node` to every local subscriber of `topic`, in order with its deliveries; returns the
+    /// frames queued. Only the node the feed is attached at speaks for the topic (news from a
+    /// previous owner after a move is dropped).
     pub fn deliver_event(
         &self,
         topic: &str,
+        node: &str,
         event: &str,
         payload: &str,
         metrics: &Metrics,
     ) -> usize {
         let shard = self.shard(topic).read();
-        let Some(subs) = shard.get(topic) else {
+        let Some(subs) = shard.get(topic).filter(|subs| &*subs.node == node) else {
             return 0;
         };
         // Under the topic's delivery lock, as deliveries are appended.

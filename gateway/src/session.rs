@@ -465,15 +465,20 @@ impl Session {
         if self.gateway.cluster.publish(publish).is_err() {
             return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unavailable", out);
         }
+        self.await_answer(token, &f, now, false);
+        Metrics::inc(&self.gateway.metrics.publishes);
+    }
+
+    /// Keeps what the reply to push `f` (sent under `token`) needs until its owner answers.
+    fn await_answer(&mut self, token: u64, f: &InFrame<'_>, now: Instant, presence: bool) {
         let reply = PublishReply {
             join_ref: f.join_ref.map(Box::from),
             msg_ref: f.msg_ref.map(Box::from),
             topic: f.topic.clone(),
             since: now,
-            presence: false,
+            presence,
         };
         self.publishes.insert(token, reply);
-        Metrics::inc(&self.gateway.metrics.publishes);
     }
 
     /// A new presence meta for a joined channel that tracks it: `{"meta": {...}}`.
@@ -491,7 +496,13 @@ impl Session {
         if self.publishes.len() >= self.gateway.config.client_queue / 2 {
             return self.refuse(&f, "too many publishes in flight", now, out);
         }
-        let (token, sub, node) = (self.next_token, channel.sub, channel.node.clone());
+        // Where the subscription is now: the topic's feed (moved with a ring edit), else
+        // where it was joined.
+        let node = match self.gateway.index.feed(&f.topic) {
+            Some((node, _)) => node,
+            None => channel.node.clone(),
+        };
+        let (token, sub) = (self.next_token, channel.sub);
         self.next_token += 1;
         let track = Pending::Track {
             reply: Reply::Channel {
@@ -502,18 +513,10 @@ impl Session {
             sub,
             meta,
         };
-        // Where the subscription is.
         if self.gateway.cluster.send_to(&node, track).is_err() {
             return self.reply_error(f.join_ref, f.msg_ref, &f.topic, "unavailable", out);
         }
-        let reply = PublishReply {
-            join_ref: f.join_ref.map(Box::from),
-            msg_ref: f.msg_ref.map(Box::from),
-            topic: f.topic.clone(),
-            since: now,
-            presence: true,
-        };
-        self.publishes.insert(token, reply);
+        self.await_answer(token, &f, now, true);
     }
 
     /// Applies one inbox event.

@@ -131,10 +131,11 @@ impl Down {
 }
 
 impl Up {
-    pub fn hello(gateway_id: String, ring_version: u64) -> Up {
+    pub fn hello(gateway_id: String, instance: u64, ring_version: u64) -> Up {
         Up {
             kind: Some(up::Kind::Hello(Hello {
                 gateway_id,
+                instance,
                 ring_version,
             })),
         }

@@ -24,7 +24,7 @@ async fn attach(addr: std::net::SocketAddr) -> Link {
     let (up, rx) = mpsc::channel(16);
     up.send(UpBatch {
         ring_version: 1,
-        items: vec![Up::hello("test-gateway".into(), 1)],
+        items: vec![Up::hello("test-gateway".into(), 7, 1)],
     })
     .await
     .unwrap();
@@ -243,4 +243,41 @@ async fn replays_queued_together_go_in_batches_that_fit_a_message() {
         }
     }
     assert_eq!(replayed, 3 * MESSAGES);
+}
+
+#[tokio::test]
+async fn a_hello_with_an_oversized_gateway_id_ends_the_stream_with_a_reason() {
+    let cluster = Cluster::start_with(ringcast_tests::ClusterSpec {
+        gateways: 0,
+        ..Default::default()
+    })
+    .await;
+    let addr = cluster.topic_servers[0].addr;
+    let mut client = TopicServerClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let (up, rx) = mpsc::channel(16);
+    up.send(UpBatch {
+        ring_version: 1,
+        items: vec![Up::hello("g".repeat(129), 7, 1)],
+    })
+    .await
+    .unwrap();
+    let mut down = client
+        .attach(ReceiverStream::new(rx))
+        .await
+        .expect("attach")
+        .into_inner();
+    let ended = tokio::time::timeout(EVENT_TIMEOUT, down.next())
+        .await
+        .expect("timed out");
+    let status = ended.expect("a status, not a silent end").unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("gateway id"), "{status:?}");
+    // The server serves others as before.
+    let mut fine = attach(addr).await;
+    fine.send(vec![Up::subscribe(1, "grpc:ok".into(), 1, None)])
+        .await;
+    let batch = fine.next().await;
+    assert!(!batch.items.is_empty());
 }

@@ -290,7 +290,7 @@ fn hello_stream() -> (mpsc::Sender<UpBatch>, ReceiverStream<UpBatch>) {
     let (up, rx) = mpsc::channel(16);
     up.try_send(UpBatch {
         ring_version: 1,
-        items: vec![Up::hello("intruder".into(), 1)],
+        items: vec![Up::hello("intruder".into(), 7, 1)],
     })
     .unwrap();
     (up, ReceiverStream::new(rx))

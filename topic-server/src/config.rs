@@ -135,9 +135,10 @@ struct Cli {
     #[arg(long, env = "TOPIC_SERVER_PRESENCE_INTERVAL_MS", value_name = "TOPIC_SERVER_PRESENCE_INTERVAL_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     presence_interval_ms: u64,
     /// Members above which a topic's presence is counted (`presence_stats`), not listed.
-    #[arg(long, env = "TOPIC_SERVER_PRESENCE_LIST_MAX", value_name = "TOPIC_SERVER_PRESENCE_LIST_MAX", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "TOPIC_SERVER_PRESENCE_LIST_MAX", value_name = "TOPIC_SERVER_PRESENCE_LIST_MAX", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     presence_list_max: u32,
-    /// Presence members per topic at most; a join tracking one more is refused.
+    /// Presence members per topic at most (and 4 MiB of presence); a join tracking one more
+    /// is refused.
     #[arg(long, env = "TOPIC_SERVER_PRESENCE_MAX", value_name = "TOPIC_SERVER_PRESENCE_MAX", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
     presence_max: u32,
 }
@@ -199,6 +200,7 @@ impl Cli {
         config.presence = crate::presence::PresenceLimits {
             listed_max: self.presence_list_max as usize,
             max_members: self.presence_max as usize,
+            ..Default::default()
         };
         config.cluster_secret =
             ringcast_proto::auth::ClusterSecret::parse(self.cluster_secret.as_deref())?;

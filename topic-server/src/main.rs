@@ -1,4 +1,5 @@
-//! `topic-server`: parse the environment, install tracing, serve until Ctrl-C or SIGTERM.
+//! `topic-server`: parse the environment, install tracing, serve until Ctrl-C or SIGTERM (a
+//! second one stops at once).
 
 use ringcast_topic_server::{Config, Listeners, process, run};
 use std::process::ExitCode;
@@ -32,7 +33,15 @@ async fn main() -> ExitCode {
         grpc: listener,
         admin,
     };
-    match run(listeners, config, process::shutdown_on_signal()).await {
+    let signals = process::shutdown_on_signals();
+    // A second Ctrl-C or SIGTERM stops at once, whatever is still being handed over.
+    let now = signals.now.clone();
+    tokio::spawn(async move {
+        now.cancelled().await;
+        eprintln!("topic-server: stopped at once (second signal)");
+        std::process::exit(1);
+    });
+    match run(listeners, config, signals.drain).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("topic-server: {e:#}");

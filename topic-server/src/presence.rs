@@ -15,7 +15,7 @@
 //! `presence_stats` replaces each diff (when the counts changed); at half that it is listed
 //! again, announced with a whole `presence_state`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 /// How long a handed-over topic's entries wait for their gateway to move its subscribers.
@@ -59,26 +59,32 @@ pub struct PresenceLimits {
     pub listed_max: usize,
     /// Members at most; a track beyond is refused.
     pub max_members: usize,
+    /// Bytes at most (entries and the changes waiting for the next diff); a track beyond is
+    /// refused. Keeps a diff and a handover well inside a gRPC message.
+    pub max_bytes: usize,
 }
+
+/// The default [`PresenceLimits::max_bytes`]: 4 MiB per topic.
+pub const MAX_BYTES: usize = 4 << 20;
 
 impl Default for PresenceLimits {
     fn default() -> Self {
         PresenceLimits {
             listed_max: 1000,
             max_members: 100_000,
+            max_bytes: MAX_BYTES,
         }
     }
 }
 
-/// A track refused: the topic has `max_members` already.
+/// A track refused: the topic has `max_members` or `max_bytes` already.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Full;
 
-/// An entry handed over, waiting for its gateway.
+/// An entry handed over, waiting for its gateway (under the gateway's id and its
+/// subscriber).
 #[derive(Debug)]
 struct Orphan {
-    gateway_id: Box<str>,
-    subscriber: u64,
     entry: Entry,
     until: Instant,
 }
@@ -90,9 +96,11 @@ pub type HandedOver = (String, u64, Entry);
 #[derive(Debug)]
 pub struct Presence<G> {
     members: Vec<(G, HashMap<u64, Entry>)>,
-    orphans: Vec<Orphan>,
-    /// Changes since the last flush.
-    joins: Vec<Entry>,
+    /// Handed-over entries by gateway id, then subscriber.
+    orphans: HashMap<Box<str>, HashMap<u64, Orphan>>,
+    /// Changes since the last flush (listed only: a counted presence keeps no list). A join
+    /// is by `phx_ref`, so that a leave within the same flush cancels it.
+    joins: HashMap<Box<str>, Entry>,
     leaves: Vec<Entry>,
     /// Members per key.
     keys: HashMap<Box<str>, usize>,
@@ -107,18 +115,21 @@ pub struct Presence<G> {
     dirty: bool,
 }
 
+/// Counts never sent: the next flush says them.
+const UNSENT: (usize, usize) = (usize::MAX, usize::MAX);
+
 impl<G> Default for Presence<G> {
     fn default() -> Self {
         Presence {
             members: Vec::new(),
-            orphans: Vec::new(),
-            joins: Vec::new(),
+            orphans: HashMap::new(),
+            joins: HashMap::new(),
             leaves: Vec::new(),
             keys: HashMap::new(),
             count: 0,
             bytes: 0,
             stats: false,
-            sent: (0, 0),
+            sent: UNSENT,
             sent_at: None,
             dirty: false,
         }
@@ -145,6 +156,11 @@ impl<G: PartialEq + Clone> Presence<G> {
         self.dirty
     }
 
+    /// Counted, not listed: its subscribers were told `presence_stats`.
+    pub fn is_counted(&self) -> bool {
+        self.stats
+    }
+
     /// Tracks `subscriber` of `gateway` as `entry` (replacing its earlier entry, if any).
     pub fn track(
         &mut self,
@@ -161,7 +177,8 @@ impl<G: PartialEq + Clone> Presence<G> {
             }
         };
         let replaced = self.members[i].1.contains_key(&subscriber);
-        if !replaced && self.count >= limits.max_members {
+        let too_many = !replaced && self.count >= limits.max_members;
+        if too_many || self.bytes + 2 * entry.bytes() > limits.max_bytes {
             if self.members[i].1.is_empty() {
                 self.members.swap_remove(i);
             }
@@ -174,33 +191,31 @@ impl<G: PartialEq + Clone> Presence<G> {
         Ok(())
     }
 
-    /// Replaces a tracked subscriber's meta (a leave of the old, a join of the new); false if
-    /// it is not tracked.
+    /// Replaces a tracked subscriber's meta (a leave of the old, a join of the new; within
+    /// one flush, only the last meta is seen); `Ok(false)` if it is not tracked.
     pub fn update(
         &mut self,
         gateway: &G,
         subscriber: u64,
         meta: Box<str>,
         phx_ref: Box<str>,
-    ) -> bool {
+        limits: &PresenceLimits,
+    ) -> Result<bool, Full> {
         let Some(old) = self
             .members
             .iter()
             .find(|(g, _)| g == gateway)
             .and_then(|(_, m)| m.get(&subscriber))
         else {
-            return false;
+            return Ok(false);
         };
         let entry = Entry {
             key: old.key.clone(),
             phx_ref,
             meta,
         };
-        let limits = PresenceLimits {
-            listed_max: usize::MAX,
-            max_members: usize::MAX,
-        };
-        self.track(gateway, subscriber, entry, &limits).is_ok()
+        self.track(gateway, subscriber, entry, limits)
+            .map(|()| true)
     }
 
     /// Stops tracking a subscriber (it left); false if it was not tracked.
@@ -234,33 +249,44 @@ impl<G: PartialEq + Clone> Presence<G> {
     /// A gateway moved `subscriber` here: its handed-over entry becomes a member as it was,
     /// with no change to anyone. False if there was none.
     pub fn adopt(&mut self, gateway: &G, gateway_id: &str, subscriber: u64) -> bool {
-        let Some(i) = self
-            .orphans
-            .iter()
-            .position(|o| &*o.gateway_id == gateway_id && o.subscriber == subscriber)
-        else {
+        let Some(waiting) = self.orphans.get_mut(gateway_id) else {
             return false;
         };
-        let orphan = self.orphans.swap_remove(i);
-        match self.members.iter_mut().find(|(g, _)| g == gateway) {
-            Some((_, entries)) => {
-                entries.insert(subscriber, orphan.entry);
+        let Some(orphan) = waiting.remove(&subscriber) else {
+            return false;
+        };
+        if waiting.is_empty() {
+            self.orphans.remove(gateway_id);
+        }
+        let replaced = match self.members.iter_mut().find(|(g, _)| g == gateway) {
+            Some((_, entries)) => entries.insert(subscriber, orphan.entry),
+            None => {
+                let entries = HashMap::from([(subscriber, orphan.entry)]);
+                self.members.push((gateway.clone(), entries));
+                None
             }
-            None => self
-                .members
-                .push((gateway.clone(), HashMap::from([(subscriber, orphan.entry)]))),
+        };
+        if let Some(old) = replaced {
+            self.removed(old);
         }
         true
     }
 
     /// Handed-over entries not adopted in time leave.
     pub fn expire(&mut self, now: Instant) {
-        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.orphans)
-            .into_iter()
-            .partition(|o| o.until <= now);
-        self.orphans = kept;
-        for orphan in gone {
-            self.removed(orphan.entry);
+        let mut gone = Vec::new();
+        self.orphans.retain(|_, waiting| {
+            waiting.retain(|_, o| {
+                let keep = o.until > now;
+                if !keep {
+                    gone.push(o.entry.clone());
+                }
+                keep
+            });
+            !waiting.is_empty()
+        });
+        for entry in gone {
+            self.removed(entry);
         }
     }
 
@@ -272,28 +298,42 @@ impl<G: PartialEq + Clone> Presence<G> {
             let id = gateway_id(&g);
             all.extend(entries.into_iter().map(|(s, e)| (id.clone(), s, e)));
         }
-        all.extend(
-            self.orphans
-                .into_iter()
-                .map(|o| (o.gateway_id.into(), o.subscriber, o.entry)),
-        );
+        for (id, waiting) in self.orphans {
+            all.extend(
+                waiting
+                    .into_iter()
+                    .map(|(s, o)| (id.to_string(), s, o.entry)),
+            );
+        }
         all
     }
 
-    /// Takes over entries handed over by the previous owner, to be adopted until `until`.
-    pub fn install(&mut self, entries: Vec<HandedOver>, until: Instant, limits: &PresenceLimits) {
-        for (gateway_id, subscriber, entry) in entries.into_iter().take(limits.max_members) {
+    /// Takes over entries handed over by the previous owner, to be adopted until `until`;
+    /// `counted` as the previous owner had it (its subscribers hear counts again at the next
+    /// flush). Entries beyond the limits are dropped.
+    pub fn install(
+        &mut self,
+        entries: Vec<HandedOver>,
+        until: Instant,
+        counted: bool,
+        limits: &PresenceLimits,
+    ) {
+        for (gateway_id, subscriber, entry) in entries {
+            if self.count >= limits.max_members || self.bytes + entry.bytes() > limits.max_bytes {
+                break;
+            }
+            let waiting = self.orphans.entry(gateway_id.into()).or_default();
+            if waiting.contains_key(&subscriber) {
+                continue;
+            }
             self.count += 1;
             self.bytes += entry.bytes();
             *self.keys.entry(entry.key.clone()).or_default() += 1;
-            self.orphans.push(Orphan {
-                gateway_id: gateway_id.into(),
-                subscriber,
-                entry,
-                until,
-            });
+            waiting.insert(subscriber, Orphan { entry, until });
         }
-        self.stats = self.count > limits.listed_max;
+        self.stats = counted;
+        (self.sent, self.sent_at) = (UNSENT, None);
+        self.dirty = counted;
     }
 
     /// What a joiner gets: the state as of the last flush (`presence_state`), or the counts
@@ -302,17 +342,16 @@ impl<G: PartialEq + Clone> Presence<G> {
         if self.stats {
             return ("presence_stats", self.stats_json());
         }
-        let joined: HashSet<&str> = self.joins.iter().map(|e| &*e.phx_ref).collect();
         let flushed = self
             .entries()
-            .filter(|e| !joined.contains(&*e.phx_ref))
-            .chain(self.leaves.iter().filter(|e| !joined.contains(&*e.phx_ref)));
+            .filter(|e| !self.joins.contains_key(&e.phx_ref))
+            .chain(&self.leaves);
         ("presence_state", state_json(flushed))
     }
 
-    /// The whole state now (the backend API).
-    pub fn state(&self) -> String {
-        state_json(self.entries())
+    /// The whole state now (the backend API); `None` while counted.
+    pub fn state(&self) -> Option<String> {
+        (!self.stats).then(|| state_json(self.entries()))
     }
 
     /// What changed since the last flush, for every subscriber of the topic: a
@@ -331,12 +370,18 @@ impl<G: PartialEq + Clone> Presence<G> {
             std::mem::take(&mut self.joins),
             std::mem::take(&mut self.leaves),
         );
-        self.bytes -= joins.iter().chain(&leaves).map(Entry::bytes).sum::<usize>();
+        self.bytes -= joins
+            .values()
+            .chain(&leaves)
+            .map(Entry::bytes)
+            .sum::<usize>();
         if !self.stats && self.count > limits.listed_max {
+            // Counted from now on: the counts go out at once.
             self.stats = true;
+            (self.sent, self.sent_at) = (UNSENT, None);
         } else if self.stats && self.count <= limits.listed_max / 2 {
             self.stats = false;
-            return Some(("presence_state", self.state()));
+            return Some(("presence_state", state_json(self.entries())));
         }
         if self.stats {
             let counts = self.counts();
@@ -358,7 +403,7 @@ impl<G: PartialEq + Clone> Presence<G> {
             return None;
         }
         let mut diff = String::from(r#"{"joins":"#);
-        diff.push_str(&state_json(joins.iter()));
+        diff.push_str(&state_json(joins.values()));
         diff.push_str(r#","leaves":"#);
         diff.push_str(&state_json(leaves.iter()));
         diff.push('}');
@@ -366,10 +411,11 @@ impl<G: PartialEq + Clone> Presence<G> {
     }
 
     fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.members
-            .iter()
-            .flat_map(|(_, m)| m.values())
-            .chain(self.orphans.iter().map(|o| &o.entry))
+        self.members.iter().flat_map(|(_, m)| m.values()).chain(
+            self.orphans
+                .values()
+                .flat_map(|waiting| waiting.values().map(|o| &o.entry)),
+        )
     }
 
     fn stats_json(&self) -> String {
@@ -379,23 +425,33 @@ impl<G: PartialEq + Clone> Presence<G> {
 
     fn added(&mut self, entry: Entry) {
         self.count += 1;
-        self.bytes += 2 * entry.bytes();
+        self.bytes += entry.bytes();
         *self.keys.entry(entry.key.clone()).or_default() += 1;
-        self.joins.push(entry);
+        if !self.stats {
+            self.bytes += entry.bytes();
+            self.joins.insert(entry.phx_ref.clone(), entry);
+        }
         self.dirty = true;
     }
 
     fn removed(&mut self, entry: Entry) {
         self.count -= 1;
-        // Its bytes stay counted in the pending leaves until the flush.
         if let Some(n) = self.keys.get_mut(&entry.key) {
             *n -= 1;
             if *n == 0 {
                 self.keys.remove(&entry.key);
             }
         }
-        self.leaves.push(entry);
         self.dirty = true;
+        if self.stats {
+            self.bytes -= entry.bytes();
+        } else if let Some(joined) = self.joins.remove(&entry.phx_ref) {
+            // Came and went since the last flush: nobody hears of it.
+            self.bytes -= joined.bytes() + entry.bytes();
+        } else {
+            // Its bytes stay counted in the pending leaves until the flush.
+            self.leaves.push(entry);
+        }
     }
 }
 
@@ -457,6 +513,7 @@ mod tests {
         PresenceLimits {
             listed_max,
             max_members: 100,
+            max_bytes: MAX_BYTES,
         }
     }
 
@@ -531,7 +588,7 @@ mod tests {
 
     fn owner_refs(p: &Presence<u8>) -> BTreeMap<String, Vec<String>> {
         let mut c = Client::default();
-        c.apply("presence_state", &p.state());
+        c.apply("presence_state", &p.state().unwrap());
         c.refs()
     }
 
@@ -563,7 +620,11 @@ mod tests {
         );
         assert_eq!(early.refs(), owner_refs(&p));
         // A meta update, a leave, a stream that ends: one diff.
-        assert!(p.update(&1, 1, r#"{"tab":9}"#.into(), "r4".into()));
+        assert_eq!(
+            p.update(&1, 1, r#"{"tab":9}"#.into(), "r4".into(), &l),
+            Ok(true)
+        );
+        assert_eq!(p.update(&1, 99, "{}".into(), "r5".into(), &l), Ok(false));
         assert!(p.untrack(&1, 2));
         assert!(!p.untrack(&1, 2), "once");
         assert_eq!(p.drop_gateway(&2), 1);
@@ -589,11 +650,8 @@ mod tests {
         p.track(&1, 1, entry("a", "r1", "{}"), &l).unwrap();
         let (_, before) = p.snapshot();
         p.untrack(&1, 1);
-        let mut c = Client::default();
-        c.apply("presence_state", &before);
-        let (event, diff) = p.flush(&l, t0()).unwrap();
-        c.apply(event, &diff);
-        assert!(c.refs().is_empty());
+        assert_eq!(parse(&before), json!({}), "as of the last flush");
+        assert_eq!(p.flush(&l, t0()), None, "nothing to say");
         assert!(p.is_empty());
         assert_eq!(p.bytes(), 0, "nothing held once flushed");
     }
@@ -608,7 +666,7 @@ mod tests {
         old.flush(&l, t0());
         let handed = old.hand_over(|g| format!("gw-{g}"));
         let mut new = Presence::<u8>::default();
-        new.install(handed, now + ADOPT_WITHIN, &l);
+        new.install(handed, now + ADOPT_WITHIN, false, &l);
         assert_eq!(new.counts(), (2, 2));
         assert_eq!(parse(&new.snapshot().1).as_object().unwrap().len(), 2);
         assert!(new.adopt(&9, "gw-1", 1));
@@ -663,6 +721,7 @@ mod tests {
         let l = PresenceLimits {
             listed_max: 10,
             max_members: 2,
+            max_bytes: MAX_BYTES,
         };
         let mut p = Presence::<u8>::default();
         p.track(&1, 1, entry("a", "r1", "{}"), &l).unwrap();
@@ -681,5 +740,132 @@ mod tests {
         assert_eq!(meta_of(br#"{"phx_ref":"forged"}"#), None);
         let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(2000));
         assert_eq!(meta_of(big.as_bytes()), None);
+    }
+
+    #[test]
+    fn updates_within_one_interval_are_one_change() {
+        let l = limits(10);
+        let mut p = Presence::<u8>::default();
+        p.track(&1, 1, entry("a", "r1", r#"{"n":1}"#), &l).unwrap();
+        p.flush(&l, t0()).unwrap();
+        let held = p.bytes();
+        for n in 2..=50 {
+            let meta = format!(r#"{{"n":{n}}}"#);
+            assert_eq!(
+                p.update(&1, 1, meta.into(), format!("r{n}").into(), &l),
+                Ok(true)
+            );
+        }
+        let (_, diff) = p.flush(&l, t0()).unwrap();
+        assert_eq!(
+            parse(&diff),
+            json!({
+                "joins": {"a": {"metas": [{"phx_ref": "r50", "n": 50}]}},
+                "leaves": {"a": {"metas": [{"phx_ref": "r1", "n": 1}]}},
+            })
+        );
+        assert!(p.bytes() <= held + 8, "no pile of pending updates");
+    }
+
+    #[test]
+    fn a_topics_presence_is_bounded_in_bytes() {
+        let l = PresenceLimits {
+            listed_max: 10,
+            max_members: 1000,
+            max_bytes: 4096,
+        };
+        let mut p = Presence::<u8>::default();
+        let meta = format!(r#"{{"a":"{}"}}"#, "x".repeat(500));
+        let tracked = (0..100)
+            .take_while(|&s| {
+                let e = entry("k", &format!("r{s}"), &meta);
+                p.track(&1, s, e, &l).is_ok()
+            })
+            .count();
+        assert!((1..10).contains(&tracked), "{tracked} tracked");
+        assert!(p.bytes() <= l.max_bytes);
+        p.flush(&l, t0());
+        assert!(p.bytes() <= l.max_bytes);
+    }
+
+    #[test]
+    fn a_counted_presence_keeps_no_lists_and_says_counts_at_once_when_it_becomes_counted() {
+        let l = limits(2);
+        let mut p = Presence::<u8>::default();
+        p.track(&1, 1, entry("a", "r1", "{}"), &l).unwrap();
+        p.track(&1, 2, entry("b", "r2", "{}"), &l).unwrap();
+        p.flush(&l, t0()).unwrap();
+        p.track(&1, 3, entry("c", "r3", "{}"), &l).unwrap();
+        let (event, _) = p.flush(&l, t0()).unwrap();
+        assert_eq!(event, "presence_stats");
+        let one = p.bytes();
+        for s in 4..20 {
+            p.track(&1, s, entry("d", &format!("r{s}"), "{}"), &l)
+                .unwrap();
+        }
+        let added: usize = (4..20)
+            .map(|s| entry("d", &format!("r{s}"), "{}").bytes())
+            .sum();
+        assert_eq!(p.bytes(), one + added, "entries only, no pending joins");
+        assert_eq!(p.state(), None, "not listed while counted");
+        for s in 4..20 {
+            p.untrack(&1, s);
+        }
+        p.untrack(&1, 3);
+        p.untrack(&1, 2);
+        let (event, state) = p.flush(&l, t0() + STATS_EVERY).unwrap();
+        assert_eq!(event, "presence_state", "listed again");
+        assert_eq!(parse(&state).as_object().unwrap().len(), 1);
+        // Counted again soon after: the counts go out at once, not a second later.
+        p.track(&1, 30, entry("e", "r30", "{}"), &l).unwrap();
+        p.track(&1, 31, entry("e", "r31", "{}"), &l).unwrap();
+        let (event, _) = p.flush(&l, t0() + STATS_EVERY).unwrap();
+        assert_eq!(event, "presence_stats");
+    }
+
+    #[test]
+    fn a_counted_presence_stays_counted_with_its_new_owner() {
+        let l = limits(4);
+        let mut old = Presence::<u8>::default();
+        for s in 0..6 {
+            old.track(&1, s, entry("a", &format!("r{s}"), "{}"), &l)
+                .unwrap();
+        }
+        old.flush(&l, t0()).unwrap();
+        old.untrack(&1, 5);
+        old.untrack(&1, 4);
+        assert_eq!(
+            old.flush(&l, t0()),
+            None,
+            "throttled: 4 members not said yet"
+        );
+        assert!(old.is_counted());
+        let counted = old.is_counted();
+        let handed = old.hand_over(|g| format!("gw-{g}"));
+        let mut new = Presence::<u8>::default();
+        new.install(handed, t0() + ADOPT_WITHIN, counted, &l);
+        assert_eq!(new.snapshot().0, "presence_stats", "4 members, but counted");
+        let (event, stats) = new.flush(&l, t0()).unwrap();
+        assert_eq!(
+            (event, parse(&stats)),
+            ("presence_stats", json!({"members": 4, "keys": 1}))
+        );
+    }
+
+    #[test]
+    fn an_adoption_over_a_tracked_subscriber_replaces_it() {
+        let l = limits(10);
+        let mut old = Presence::<u8>::default();
+        old.track(&1, 1, entry("a", "r1", "{}"), &l).unwrap();
+        let handed = old.hand_over(|g| format!("gw-{g}"));
+        let mut new = Presence::<u8>::default();
+        new.install(handed, t0() + ADOPT_WITHIN, false, &l);
+        new.track(&9, 1, entry("z", "r9", "{}"), &l).unwrap();
+        new.flush(&l, t0()).unwrap();
+        assert!(new.adopt(&9, "gw-1", 1));
+        assert_eq!(new.counts(), (1, 1));
+        let (_, diff) = new.flush(&l, t0()).unwrap();
+        assert_eq!(parse(&diff)["leaves"]["z"]["metas"][0]["phx_ref"], "r9");
+        assert!(!new.adopt(&9, "gw-2", 1), "another gateway's subscriber 1");
     }
 }

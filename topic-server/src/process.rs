@@ -13,29 +13,6 @@ pub fn init_tracing() {
         .init();
 }
 
-/// A token cancelled on the first Ctrl-C or SIGTERM.
-pub fn shutdown_on_signal() -> CancellationToken {
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch SIGTERM");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutting down");
-        token.cancel();
-    });
-    shutdown
-}
-
 /// What the signals asked for: `drain` on the first Ctrl-C or SIGTERM (stop gently), `now` on
 /// the second (stop at once).
 #[derive(Debug, Clone, Default)]

@@ -147,6 +147,8 @@ pub struct Handoff<G> {
     /// The presence changes not sent yet (to send to `gateways` before the topic goes), and
     /// the presence, by gateway id.
     pub presence_flush: Option<(&'static str, String)>,
+    /// The presence was counted, not listed.
+    pub presence_counted: bool,
     pub presence: Vec<HandedOver>,
 }
 
@@ -240,17 +242,19 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         .unwrap_or(Err(Full))
     }
 
-    /// Replaces a tracked subscriber's meta; false if it is not tracked.
+    /// Replaces a tracked subscriber's meta; `Ok(false)` if it is not tracked.
     pub fn update_presence(
         &mut self,
         topic: &str,
         gateway: &G,
         subscriber: SubscriberId,
         meta: Box<str>,
-    ) -> bool {
+    ) -> Result<bool, Full> {
         let phx_ref = self.next_ref();
-        self.presence_change(topic, |p, _| p.update(gateway, subscriber, meta, phx_ref))
-            .unwrap_or(false)
+        self.presence_change(topic, |p, limits| {
+            p.update(gateway, subscriber, meta, phx_ref, limits)
+        })
+        .unwrap_or(Ok(false))
     }
 
     /// A gateway (`gateway_id`) moved `subscriber` here: its handed-over presence is its own
@@ -267,10 +271,16 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         }
     }
 
-    /// `topic`'s whole presence now (JSON), its members and keys.
-    pub fn presence_state(&self, topic: &str) -> Option<(String, (usize, usize))> {
+    /// `topic`'s members and keys, and its whole presence now (JSON) if `listed` is asked
+    /// and it is listed, not counted.
+    pub fn presence_state(
+        &self,
+        topic: &str,
+        listed: bool,
+    ) -> Option<(Option<String>, (usize, usize))> {
         let state = self.topics.get(topic)?;
-        Some((state.presence.state(), state.presence.counts()))
+        let listing = listed.then(|| state.presence.state()).flatten();
+        Some((listing, state.presence.counts()))
     }
 
     /// The presence news of every topic that changed since the last call.
@@ -590,19 +600,21 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
             log: state.log.snapshot(now),
             gateways: state.gateways.into_iter().map(|(g, _)| g).collect(),
             presence_flush,
+            presence_counted: state.presence.is_counted(),
             presence: state.presence.hand_over(gateway_id),
         })
     }
 
     /// Takes over a topic handed off by its previous owner: the numbering continues in the
-    /// same epoch. Refused (false) if the topic already exists here.
+    /// same epoch; the presence (entries, and whether it was counted) waits to be adopted.
+    /// Refused (false) if the topic already exists here.
     pub fn install(
         &mut self,
         topic: &str,
         epoch: u64,
         offset: u64,
         log: Vec<(Duration, Message)>,
-        presence: Vec<HandedOver>,
+        (presence, presence_counted): (Vec<HandedOver>, bool),
         now: Instant,
     ) -> bool {
         if self.topics.contains_key(topic) {
@@ -612,6 +624,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         topic_presence.install(
             presence,
             now + presence::ADOPT_WITHIN,
+            presence_counted,
             &self.presence_limits,
         );
         self.presence_bytes += topic_presence.bytes();
@@ -627,6 +640,9 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
             keys: VecDeque::new(),
             presence: topic_presence,
         };
+        if topic_state.presence.is_dirty() {
+            self.dirty.insert(topic.to_owned());
+        }
         self.topics.insert(topic.to_owned(), topic_state);
         true
     }
@@ -907,7 +923,7 @@ mod tests {
             handed.epoch,
             handed.offset,
             handed.log,
-            Vec::new(),
+            (Vec::new(), false),
             now
         ));
         let from = Some(Position {
@@ -925,7 +941,7 @@ mod tests {
             }
         );
         assert!(
-            !new.install("t", 1, 1, Vec::new(), Vec::new(), now),
+            !new.install("t", 1, 1, Vec::new(), (Vec::new(), false), now),
             "never over an existing topic"
         );
     }
@@ -969,7 +985,7 @@ mod tests {
             handed.epoch,
             handed.offset,
             handed.log,
-            handed.presence,
+            (handed.presence, handed.presence_counted),
             now
         ));
         assert!(new.flush_presence(now).is_empty());

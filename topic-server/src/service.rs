@@ -84,7 +84,12 @@ impl Default for ServiceLimits {
 enum CloseReason {
     Overflow,
     Shutdown,
+    /// The Hello named the gateway with more than [`MAX_GATEWAY_ID_BYTES`].
+    BadHello,
 }
+
+/// The longest gateway id a Hello may carry.
+pub const MAX_GATEWAY_ID_BYTES: usize = 128;
 
 /// One gateway's stream.
 #[derive(Debug)]
@@ -558,6 +563,7 @@ impl TopicService {
                 _ = st.link.closed.cancelled() => {
                     let status = match st.link.reason.get() {
                         Some(CloseReason::Overflow) => Status::resource_exhausted("gateway stream queue overflow"),
+                        Some(CloseReason::BadHello) => Status::invalid_argument(format!("a gateway id is 1 to {MAX_GATEWAY_ID_BYTES} bytes")),
                         Some(CloseReason::Shutdown) | None if st.shared.shutdown.is_cancelled() => Status::unavailable("topic server shutting down"),
                         _ => return None,
                     };
@@ -660,6 +666,7 @@ impl TopicService {
                 })
                 .collect(),
             moved_to: String::new(),
+            presence_counted: handoff.presence_counted,
             presence: handoff
                 .presence
                 .into_iter()
@@ -878,8 +885,19 @@ impl Shared {
         let Some(kind) = up.kind else { return };
         let request = match kind {
             up::Kind::Hello(hello) => {
-                tracing::info!(link = link.0.id, gateway = %hello.gateway_id, ring_version = hello.ring_version, "gateway attached");
-                let _ = link.0.gateway_id.set(hello.gateway_id);
+                if hello.gateway_id.is_empty() || hello.gateway_id.len() > MAX_GATEWAY_ID_BYTES {
+                    tracing::warn!(
+                        link = link.0.id,
+                        bytes = hello.gateway_id.len(),
+                        "a gateway id of the wrong size: cutting the stream"
+                    );
+                    return link.0.close(CloseReason::BadHello);
+                }
+                tracing::info!(link = link.0.id, gateway = %hello.gateway_id, instance = %format_args!("{:016x}", hello.instance), ring_version = hello.ring_version, "gateway attached");
+                // Presence handed over is keyed by it: the instance tells a restarted gateway
+                // (whose subscriber ids start again) from its previous self.
+                let id = format!("{}#{:016x}", hello.gateway_id, hello.instance);
+                let _ = link.0.gateway_id.set(id);
                 return self.heard_of(hello.ring_version);
             }
             up::Kind::Unsubscribe(unsub) => {
@@ -991,7 +1009,11 @@ impl Shared {
                 let snapshot = match presence {
                     Some(track) => {
                         if let Some((key, meta)) = track {
-                            let tracked = shard.track(&sub.topic, link, sub.subscriber, &key, meta);
+                            // A node that holds all it may takes no new presence either.
+                            let tracked = match self.full() {
+                                true => Err(presence::Full),
+                                false => shard.track(&sub.topic, link, sub.subscriber, &key, meta),
+                            };
                             if tracked.is_err() {
                                 shard.unsubscribe(&sub.topic, link, sub.subscriber);
                                 let refused = Down::rejected(sub.request_id, "too many presences");
@@ -1085,19 +1107,21 @@ impl Shared {
                         Down::rejected(track.request_id, "invalid presence"),
                     );
                 };
-                let answer = if shard.update_presence(&track.topic, link, track.subscriber, meta) {
-                    Down::ack(track.request_id, 0, 0)
-                } else {
-                    Down::rejected(track.request_id, "not tracked")
+                let answer = match shard.update_presence(&track.topic, link, track.subscriber, meta)
+                {
+                    Ok(true) => Down::ack(track.request_id, 0, 0),
+                    Ok(false) => Down::rejected(track.request_id, "not tracked"),
+                    Err(presence::Full) => Down::rejected(track.request_id, "too many presences"),
                 };
                 self.send(&link.0, answer);
             }
             TopicRequest::Inspect(inspect) => {
                 let info = shard.info(&inspect.topic);
-                let presence = shard.presence_state(&inspect.topic);
+                // The listing only when asked, and only while listed (counted: too many).
+                let presence = shard.presence_state(&inspect.topic, inspect.presence);
                 let (members, keys) = presence.as_ref().map_or((0, 0), |(_, c)| *c);
                 let presence = match presence {
-                    Some((state, _)) if inspect.presence => Bytes::from(state),
+                    Some((Some(state), _)) => Bytes::from(state),
                     _ => Bytes::new(),
                 };
                 let answer = ringcast_proto::TopicInfo {
@@ -1219,9 +1243,14 @@ impl Shared {
                         key_ok.then_some((e.gateway_id, e.subscriber, entry))
                     })
                     .collect();
-                shard
-                    .registry
-                    .install(&topic, reply.epoch, reply.offset, log, presence, now);
+                shard.registry.install(
+                    &topic,
+                    reply.epoch,
+                    reply.offset,
+                    log,
+                    (presence, reply.presence_counted),
+                    now,
+                );
                 self.stats.handoffs_in.fetch_add(1, Relaxed);
             }
             Install::Afresh => {
@@ -1275,7 +1304,7 @@ impl Shared {
     }
 }
 
-/// The id a gateway gave in its Hello (presence handed over is keyed by it).
+/// The id and instance a gateway gave in its Hello (presence handed over is keyed by it).
 fn gateway_id_of(link: &LinkRef) -> String {
     link.0
         .gateway_id

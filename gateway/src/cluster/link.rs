@@ -127,6 +127,8 @@ impl Connector {
 #[derive(Debug)]
 pub struct LinkShared {
     pub gateway_id: String,
+    /// Drawn at random per process: a restarted gateway under the same id is another one.
+    pub instance: u64,
     pub index: Arc<LocalIndex>,
     pub metrics: Arc<Metrics>,
     /// The gateway's connections: a topic server may ask to close a user's.
@@ -240,7 +242,11 @@ impl Link {
         while !self.stop.is_cancelled() {
             let (tx, rx) = mpsc::channel(self.shared.queue.max(16));
             let version = self.shared.rings.load().version();
-            let _ = tx.try_send(Up::hello(self.shared.gateway_id.clone(), version));
+            let _ = tx.try_send(Up::hello(
+                self.shared.gateway_id.clone(),
+                self.shared.instance,
+                version,
+            ));
             let rings = self.shared.rings.clone();
             let up = futures::stream::unfold(rx, move |mut rx| {
                 let rings = rings.clone();
@@ -497,13 +503,15 @@ impl Link {
             }
             down::Kind::Info(info) => {
                 if let Some(Pending::Api(api)) = self.take_pending(info.request_id) {
-                    let _ = api.reply.send(Ok(Answer::Info(info)));
+                    let node = self.node.clone();
+                    let _ = api.reply.send(Ok(Answer::Info { info, node }));
                 }
             }
             down::Kind::Presence(news) => match std::str::from_utf8(&news.payload) {
                 Ok(payload) => {
                     let index = &self.shared.index;
-                    index.deliver_event(&news.topic, &news.event, payload, &self.shared.metrics);
+                    let metrics = &self.shared.metrics;
+                    index.deliver_event(&news.topic, &self.node, &news.event, payload, metrics);
                 }
                 Err(_) => tracing::error!(topic = %news.topic, "presence payload is not UTF-8"),
             },

@@ -84,6 +84,7 @@ impl Cluster {
         let ring = config.ring.map(Arc::new);
         let shared = Arc::new(LinkShared {
             gateway_id: config.gateway_id,
+            instance: rand::random(),
             index,
             metrics,
             conns,

@@ -78,7 +78,11 @@ pub enum Answer {
         complete: bool,
         messages: Vec<Replayed>,
     },
-    Info(TopicInfo),
+    /// What the owner holds of a topic, and which node answered.
+    Info {
+        info: TopicInfo,
+        node: Arc<str>,
+    },
     /// The topic server told every gateway attached to it.
     Disconnected,
 }
