@@ -78,6 +78,11 @@ impl Gateway {
                 "1 while the gateway drains (after SIGTERM).",
                 i64::from(self.is_draining()),
             ),
+            prom::ring_refused(
+                self.ring_watch
+                    .as_ref()
+                    .is_some_and(|w| w.refused().is_some()),
+            ),
         ]);
         values
     }

@@ -235,45 +235,38 @@ impl Drop for Inbox {
 }
 
 /// The gateway's open connections, by id and by user: shutdown and drains cut them (1012),
-/// the backend API cuts a user's.
-#[derive(Debug)]
-pub struct Registry(Mutex<Option<Open>>);
+/// the backend API cuts a user's (during a drain too).
+#[derive(Debug, Default)]
+pub struct Registry(Mutex<Open>);
 
 #[derive(Debug, Default)]
 struct Open {
     conns: HashMap<u64, (ConnHandle, Option<Arc<str>>)>,
     by_user: HashMap<Arc<str>, Vec<u64>>,
-}
-
-impl Default for Registry {
-    fn default() -> Self {
-        Registry(Mutex::new(Some(Open::default())))
-    }
+    /// Shutting down: a connection registered now is cut at once.
+    closed: bool,
 }
 
 impl Registry {
     /// Adds a connection of `user`; once the gateway is shutting down, cuts it instead.
     pub fn register(&self, conn: &ConnHandle, user: Option<&str>) {
-        match &mut *self.0.lock() {
-            Some(open) => {
-                let user: Option<Arc<str>> = user.map(Arc::from);
-                if let Some(user) = &user {
-                    open.by_user
-                        .entry(user.clone())
-                        .or_default()
-                        .push(conn.id());
-                }
-                open.conns.insert(conn.id(), (conn.clone(), user));
-            }
-            None => {
-                conn.cut(Cut::Shutdown);
-            }
+        let mut open = self.0.lock();
+        if open.closed {
+            conn.cut(Cut::Shutdown);
+            return;
         }
+        let user: Option<Arc<str>> = user.map(Arc::from);
+        if let Some(user) = &user {
+            open.by_user
+                .entry(user.clone())
+                .or_default()
+                .push(conn.id());
+        }
+        open.conns.insert(conn.id(), (conn.clone(), user));
     }
 
     pub fn deregister(&self, id: u64) {
-        let mut guard = self.0.lock();
-        let Some(open) = &mut *guard else { return };
+        let mut open = self.0.lock();
         let Some((_, Some(user))) = open.conns.remove(&id) else {
             return;
         };
@@ -287,8 +280,7 @@ impl Registry {
 
     /// Cuts every connection of `user`; returns how many were not cut already.
     pub fn disconnect_user(&self, user: &str) -> usize {
-        let guard = self.0.lock();
-        let Some(open) = &*guard else { return 0 };
+        let open = self.0.lock();
         let ids = open
             .by_user
             .get(user)
@@ -301,10 +293,12 @@ impl Registry {
     }
 
     /// Closes the registry: every connection registered from now on is cut. Returns the open
-    /// ones, for the caller to cut (all at once at shutdown, a few at a time in a drain).
+    /// ones, for the caller to cut (all at once at shutdown, a few at a time in a drain);
+    /// they stay registered until they end.
     pub fn close(&self) -> Vec<ConnHandle> {
-        let open = self.0.lock().take().unwrap_or_default();
-        let mut conns: Vec<ConnHandle> = open.conns.into_values().map(|(c, _)| c).collect();
+        let mut open = self.0.lock();
+        open.closed = true;
+        let mut conns: Vec<ConnHandle> = open.conns.values().map(|(c, _)| c.clone()).collect();
         conns.sort_by_key(ConnHandle::id);
         conns
     }
@@ -371,6 +365,13 @@ mod tests {
         let cuts: Vec<_> = conns.iter().map(|(c, _)| c.cut_reason()).collect();
         assert_eq!(cuts, [Some(Cut::Disconnected), None, None, None]);
         assert_eq!(registry.close().len(), 3);
-        assert_eq!(registry.disconnect_user("bob"), 0, "closed");
+        assert_eq!(registry.disconnect_user("bob"), 1, "during a drain too");
+        let late = ConnHandle::new(9, 4).0;
+        registry.register(&late, Some("bob"));
+        assert_eq!(
+            late.cut_reason(),
+            Some(Cut::Shutdown),
+            "closed: no new ones"
+        );
     }
 }

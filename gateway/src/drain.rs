@@ -10,11 +10,17 @@ use tokio_util::sync::CancellationToken;
 /// Connections leave at every tick of this.
 pub const TICK: Duration = Duration::from_millis(50);
 
-/// How many connections leave at each tick to close `n` evenly over `over` (all at once when
-/// `over` is shorter than a tick).
-pub fn per_tick(n: usize, over: Duration) -> usize {
-    let ticks = (over.as_millis() / TICK.as_millis()).max(1) as usize;
-    n.div_ceil(ticks).max(1)
+/// How many of `n` connections should have left `elapsed` into a drain over `over`: the
+/// share of the time passed by the end of the current tick, so a late tick catches up and
+/// the last ones go a tick before `over` is up (all at once when `over` is shorter than a
+/// tick).
+pub fn due(n: usize, elapsed: Duration, over: Duration) -> usize {
+    let ahead = elapsed + TICK;
+    if ahead >= over {
+        return n;
+    }
+    let share = n as u128 * ahead.as_micros();
+    share.div_ceil(over.as_micros()) as usize
 }
 
 /// Cuts `conns` evenly over `over`; the rest at once when `now` is cancelled. Returns when
@@ -26,30 +32,35 @@ pub async fn drain(
     metrics: &Metrics,
 ) {
     let n = conns.len();
-    let per_tick = per_tick(n, over);
     tracing::info!(
         connections = n,
         seconds = over.as_secs_f64(),
-        per_second = (per_tick as f64 / TICK.as_secs_f64()).min(n as f64),
+        per_second = n as f64 / over.as_secs_f64().max(TICK.as_secs_f64()),
         "draining: closing connections (1012) evenly; SIGTERM again to close them all now"
     );
+    let start = tokio::time::Instant::now();
     let mut ticks = tokio::time::interval(TICK);
-    let mut batches = conns.chunks(per_tick);
-    while let Some(batch) = batches.next() {
+    let mut done = 0;
+    while done < n {
         let hurry = tokio::select! {
             _ = ticks.tick() => false,
             _ = now.cancelled() => true,
         };
-        let rest: Vec<&ConnHandle> = if hurry {
-            tracing::info!("closing the remaining connections now");
-            batch.iter().chain(batches.by_ref().flatten()).collect()
-        } else {
-            batch.iter().collect()
+        let upto = match hurry {
+            true => {
+                tracing::info!("closing the remaining connections now");
+                n
+            }
+            false => due(n, start.elapsed(), over).clamp(done + 1, n),
         };
-        for conn in &rest {
-            conn.cut(Cut::Shutdown);
-        }
-        Metrics::add(&metrics.drained, rest.len() as u64);
+        // Counted once: a connection cut already (it left, or its user was disconnected) is
+        // not drained.
+        let cut = conns[done..upto]
+            .iter()
+            .filter(|conn| conn.cut(Cut::Shutdown))
+            .count();
+        Metrics::add(&metrics.drained, cut as u64);
+        done = upto;
     }
 }
 
@@ -60,12 +71,17 @@ mod tests {
     #[test]
     fn connections_leave_evenly_whatever_their_number() {
         let ten = Duration::from_secs(10);
-        assert_eq!(per_tick(0, ten), 1);
-        assert_eq!(per_tick(7, ten), 1, "a few: one per tick");
-        assert_eq!(per_tick(2000, ten), 10, "200 ticks of 10");
-        assert_eq!(per_tick(100_000, ten), 500);
+        let at = Duration::from_millis;
+        assert_eq!(due(0, at(0), ten), 0);
+        assert_eq!(due(7, at(0), ten), 1, "a few: the first at once");
+        assert_eq!(due(7, at(5000), ten), 4);
+        assert_eq!(due(2000, at(0), ten), 10, "200 ticks of 10");
+        assert_eq!(due(2000, at(4950), ten), 1000, "half by half time");
+        assert_eq!(due(2000, at(730), ten), 156, "a late tick catches up");
+        assert_eq!(due(100_000, at(0), ten), 500);
+        assert_eq!(due(2000, at(9950), ten), 2000, "all by the last tick");
         assert_eq!(
-            per_tick(2000, Duration::ZERO),
+            due(2000, at(0), Duration::ZERO),
             2000,
             "no drain time: all at once"
         );
@@ -77,6 +93,8 @@ mod tests {
         let handles: Vec<ConnHandle> = conns.iter().map(|(c, _)| c.clone()).collect();
         let now = CancellationToken::new();
         let metrics = Metrics::default();
+        // One left (its user was disconnected) before its turn: not counted as drained.
+        assert!(handles[30].cut(Cut::Disconnected));
         let start = tokio::time::Instant::now();
         let drain = drain(
             handles.clone(),
@@ -91,17 +109,20 @@ mod tests {
             _ = tokio::time::sleep(Duration::from_millis(475)) => {}
         }
         let cut = handles.iter().filter(|c| c.cut_reason().is_some()).count();
-        assert_eq!(cut, 20, "{:?}", start.elapsed());
+        assert_eq!(cut, 20 + 1, "and the one that left; {:?}", start.elapsed());
         now.cancel();
         drain.await;
         assert!(
-            handles
-                .iter()
-                .all(|c| c.cut_reason() == Some(Cut::Shutdown))
+            (handles.iter().enumerate())
+                .all(|(i, c)| i == 30 || c.cut_reason() == Some(Cut::Shutdown))
         );
         assert_eq!(
             metrics.drained.load(std::sync::atomic::Ordering::Relaxed),
-            40
+            39
+        );
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "the rest at once"
         );
     }
 }

@@ -29,7 +29,7 @@ pub use config::Config;
 
 impl Gateway {
     pub fn is_draining(&self) -> bool {
-        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+        self.draining.load(std::sync::atomic::Ordering::Relaxed) || self.shutdown.is_cancelled()
     }
 }
 pub use server::{Listeners, run};

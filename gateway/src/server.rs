@@ -25,6 +25,7 @@ use ringcast_topic_server::{Ownership, ServiceLimits, TopicService};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
@@ -60,6 +61,13 @@ impl Listeners {
         })
     }
 }
+
+/// After a second SIGTERM, how long the connections cut at once have to write their close
+/// frames.
+const CLOSE_FRAMES_WITHIN: Duration = Duration::from_secs(1);
+/// How long the admin and API listeners' open calls have to finish at shutdown (an API call
+/// waits for its answer at most [`api::ANSWER_WITHIN`]).
+const LISTENERS_WITHIN: Duration = api::ANSWER_WITHIN.saturating_add(Duration::from_secs(1));
 
 /// Serves until `shutdown.drain` is cancelled, then drains: readiness fails, the public
 /// listener closes, connections are closed (1012) evenly over the drain time (all at once
@@ -192,15 +200,22 @@ pub async fn run(
         result = tokio::time::timeout(grace, tracker.wait()) => if result.is_err() {
             tracing::warn!("connections did not close within the grace period");
         },
-        () = now.cancelled() => {}
+        () = now.cancelled() => {
+            // Cut all at once: a moment for their close frames to go out.
+            let _ = tokio::time::timeout(CLOSE_FRAMES_WITHIN, tracker.wait()).await;
+        }
     }
     stopped.cancel();
     for (name, listener) in [("admin", Some(admin)), ("api", api)] {
-        if let Some(Ok(Err(e))) = match listener {
-            Some(task) => Some(task.await),
-            None => None,
-        } {
-            tracing::warn!(error = %e, "{name} listener failed");
+        let Some(mut task) = listener else { continue };
+        // In-flight calls finish, within a bound.
+        match tokio::time::timeout(LISTENERS_WITHIN, &mut task).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "{name} listener failed"),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!("{name} listener: calls still open at shutdown, cut");
+                task.abort();
+            }
         }
     }
     links_stop.cancel();

@@ -65,6 +65,12 @@ async fn only_a_newer_valid_ring_is_applied() {
     })
     .await;
 
+    assert_eq!(
+        ring_refused_gauges(&cluster).await,
+        [1; 4],
+        "/metrics says so too"
+    );
+
     // SIGHUP re-reads the file; it never stops a process.
     write_ring(path, 3, &nodes(&cluster, &[0, 1]));
     for p in all(&cluster) {
@@ -74,8 +80,28 @@ async fn only_a_newer_valid_ring_is_applied() {
         s["ring_version"] == 3
     })
     .await;
+    assert_eq!(ring_refused_gauges(&cluster).await, [0; 4]);
     let mut c = WsClient::connect(&cluster.ws_url(0)).await;
     c.join_ok("room:after-reload", "1").await;
+}
+
+/// Each process's `ring_refused` gauge, from `/metrics`.
+async fn ring_refused_gauges(cluster: &Cluster) -> Vec<u8> {
+    let mut gauges = Vec::new();
+    for p in all(cluster) {
+        let text = reqwest::get(p.http("/metrics"))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("ringcast_") && l.contains("_ring_refused "))
+            .unwrap_or_else(|| panic!("{}: no ring_refused gauge in\n{text}", p.name));
+        gauges.push(line.ends_with(" 1").into());
+    }
+    gauges
 }
 
 #[tokio::test]

@@ -103,6 +103,15 @@ pub fn readiness(not_ready: Option<String>) -> Response {
     }
 }
 
+/// 1 while the ring file in place is refused (`ring_refused` in `/status` says why).
+pub fn ring_refused(refused: bool) -> Value {
+    Value::Gauge(
+        "ring_refused",
+        "1 while the ring file in place is refused (the ring in force stays).",
+        i64::from(refused),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

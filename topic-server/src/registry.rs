@@ -71,7 +71,16 @@ struct Topic<G> {
 const KEYS_MAX: usize = 256;
 const KEYS_FOR: Duration = Duration::from_secs(300);
 
+/// Bytes counted for a remembered idempotency key.
+fn key_bytes(key: &str) -> usize {
+    key.len() + 48
+}
+
 impl<G: PartialEq + Clone> Topic<G> {
+    fn keys_bytes(&self) -> usize {
+        self.keys.iter().map(|(k, _, _)| key_bytes(k)).sum()
+    }
+
     fn position(&self) -> Position {
         Position {
             epoch: self.epoch,
@@ -172,6 +181,8 @@ pub struct TopicRegistry<G> {
     presence_limits: PresenceLimits,
     /// Bytes held for presence, every topic together.
     presence_bytes: usize,
+    /// Bytes held for idempotency keys, every topic together.
+    key_bytes: usize,
     /// Topics whose presence has something to flush.
     dirty: HashSet<String>,
 }
@@ -193,6 +204,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
             names: 0,
             presence_limits: PresenceLimits::default(),
             presence_bytes: 0,
+            key_bytes: 0,
             dirty: HashSet::new(),
         }
     }
@@ -408,7 +420,8 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
                 .front()
                 .is_some_and(|(_, _, at)| now.saturating_duration_since(*at) > KEYS_FOR)
             {
-                state.keys.pop_front();
+                let (old, _, _) = state.keys.pop_front().expect("checked");
+                self.key_bytes -= key_bytes(&old);
             }
             if let Some((_, position, _)) = state.keys.iter().find(|(k, _, _)| &**k == key) {
                 return Published {
@@ -419,6 +432,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
             }
         }
         let limits = self.limits;
+        let mut key_change = 0isize;
         let state = self.topic_mut(topic);
         state.offset += 1;
         let message = Message {
@@ -430,12 +444,16 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         let dropped = state.log.push(message, now, &limits);
         let position = state.position();
         if let Some(key) = key {
-            if state.keys.len() >= KEYS_MAX {
-                state.keys.pop_front();
+            if state.keys.len() >= KEYS_MAX
+                && let Some((old, _, _)) = state.keys.pop_front()
+            {
+                key_change -= key_bytes(&old) as isize;
             }
+            key_change += key_bytes(key) as isize;
             state.keys.push_back((key.into(), position, now));
         }
         let idle = state.is_idle();
+        self.key_bytes = self.key_bytes.saturating_add_signed(key_change);
         self.logged.messages += 1;
         self.logged.bytes += size;
         self.forget(dropped);
@@ -528,6 +546,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
             let state = self.topics.remove(topic).expect("checked");
             self.names -= topic.len();
             self.presence_bytes -= state.presence.bytes();
+            self.key_bytes -= state.keys_bytes();
             self.dirty.remove(topic);
         }
     }
@@ -556,6 +575,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         self.forget(expired);
         self.names -= names;
         self.presence_bytes = self.topics.values().map(|t| t.presence.bytes()).sum();
+        self.key_bytes = self.topics.values().map(Topic::keys_bytes).sum();
         // Handovers are remembered for a while, and only so many.
         self.moved
             .retain(|_, m| now.saturating_duration_since(m.at) < MOVED_FOR);
@@ -587,6 +607,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         self.names -= topic.len();
         self.dirty.remove(topic);
         self.presence_bytes -= state.presence.bytes();
+        self.key_bytes -= state.keys_bytes();
         let presence_flush = state.presence.flush(&limits, now);
         let subscribers: usize = state.gateways.iter().map(|(_, s)| s.len()).sum();
         self.subscriptions -= subscribers;
@@ -690,10 +711,10 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         (self.logged.messages, self.logged.bytes)
     }
 
-    /// Every byte this shard holds for its topics: logged payloads and events, names, and
-    /// presence.
+    /// Every byte this shard holds for its topics: logged payloads and events, names,
+    /// presence and idempotency keys.
     pub fn held_bytes(&self) -> usize {
-        self.logged.bytes + self.names + self.presence_bytes
+        self.logged.bytes + self.names + self.presence_bytes + self.key_bytes
     }
 
     /// Handovers remembered.
@@ -1017,6 +1038,34 @@ mod tests {
         let later = r.publish("t", "e", &body, Some("k"), t0 + Duration::from_secs(301));
         assert!(!later.repeated, "the window passed");
         assert_eq!(later.position.offset, other.offset + 1);
+    }
+
+    #[test]
+    fn idempotency_keys_count_as_held_bytes_and_go_with_their_topic() {
+        let mut r: TopicRegistry<u8> =
+            TopicRegistry::new(EpochSource::new(1), LogLimits::default());
+        let t0 = Instant::now();
+        let body = Bytes::from_static(b"1");
+        // The same messages without keys, side by side.
+        let mut plain: TopicRegistry<u8> =
+            TopicRegistry::new(EpochSource::new(1), LogLimits::default());
+        for r in [&mut r, &mut plain] {
+            r.subscribe("t", &1, 1, None, t0);
+        }
+        for i in 0..KEYS_MAX + 10 {
+            r.publish("t", "e", &body, Some(&format!("key-{i:04}")), t0);
+            plain.publish("t", "e", &body, None, t0);
+        }
+        let keys = r.held_bytes() - plain.held_bytes();
+        assert_eq!(
+            keys,
+            KEYS_MAX * key_bytes("key-0000"),
+            "only the last KEYS_MAX"
+        );
+        r.unsubscribe("t", &1, 1);
+        r.expire(t0 + Duration::from_secs(3600));
+        assert_eq!(r.topic_count(), 0);
+        assert_eq!(r.held_bytes(), 0, "gone with the topic");
     }
 
     #[test]

@@ -111,8 +111,12 @@ pub async fn run(
         }
     });
     let mut registry = prom::registry("topic_server");
-    let values = service.clone();
-    registry.register_collector(Box::new(prom::Values(move || values.status().values())));
+    let (values, watch) = (service.clone(), ring_watch.clone());
+    registry.register_collector(Box::new(prom::Values(move || {
+        let mut values = values.status().values();
+        values.push(prom::ring_refused(watch.refused().is_some()));
+        values
+    })));
     let admin_routes = Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
