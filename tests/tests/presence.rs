@@ -286,6 +286,22 @@ async fn a_topic_moved_by_a_ring_edit_keeps_its_presence_without_a_diff() {
     )
     .await;
     assert_eq!(seen, owner(&cluster, &topic).await);
+    // Bob joined before the move: his update goes to the new owner, and everyone sees it.
+    bob.push(&topic, "presence_update", json!({"meta": {"n": 3}}))
+        .await;
+    let pushed = bob
+        .next_event_skipping(&["presence_sync", "presence_diff", "message"])
+        .await;
+    assert_eq!(pushed["ev"], "push_ok", "{pushed}");
+    for client in [&mut alice, &mut carol] {
+        loop {
+            let event = client.next_event().await;
+            if event["ev"] == "presence_sync" && event["metas"]["bob"][0]["n"] == 3 {
+                break;
+            }
+        }
+    }
+    assert_ne!(owner(&cluster, &topic).await["bob"], before["bob"]);
 }
 
 #[tokio::test]
