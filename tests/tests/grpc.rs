@@ -15,6 +15,11 @@ struct Link {
 }
 
 async fn attach(addr: std::net::SocketAddr) -> Link {
+    attach_as(addr, Up::hello("test-gateway".into(), 7, 1)).await
+}
+
+/// Opens a stream whose first message is `hello`.
+async fn attach_as(addr: std::net::SocketAddr, hello: Up) -> Link {
     // The limits a gateway sets.
     let mut client = TopicServerClient::connect(format!("http://{addr}"))
         .await
@@ -24,7 +29,7 @@ async fn attach(addr: std::net::SocketAddr) -> Link {
     let (up, rx) = mpsc::channel(16);
     up.send(UpBatch {
         ring_version: 1,
-        items: vec![Up::hello("test-gateway".into(), 7, 1)],
+        items: vec![hello],
     })
     .await
     .unwrap();
@@ -253,22 +258,8 @@ async fn a_hello_with_an_oversized_gateway_id_ends_the_stream_with_a_reason() {
     })
     .await;
     let addr = cluster.topic_servers[0].addr;
-    let mut client = TopicServerClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect");
-    let (up, rx) = mpsc::channel(16);
-    up.send(UpBatch {
-        ring_version: 1,
-        items: vec![Up::hello("g".repeat(129), 7, 1)],
-    })
-    .await
-    .unwrap();
-    let mut down = client
-        .attach(ReceiverStream::new(rx))
-        .await
-        .expect("attach")
-        .into_inner();
-    let ended = tokio::time::timeout(EVENT_TIMEOUT, down.next())
+    let mut bad = attach_as(addr, Up::hello("g".repeat(129), 7, 1)).await;
+    let ended = tokio::time::timeout(EVENT_TIMEOUT, bad.down.next())
         .await
         .expect("timed out");
     let status = ended.expect("a status, not a silent end").unwrap_err();
