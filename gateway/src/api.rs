@@ -34,7 +34,6 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
-use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 /// The longest an API call waits for the topic's owner (its requests are retried for up to
@@ -165,7 +164,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// Whether `key` is one of `keys`, compared in constant time (each key is looked at).
 fn key_allowed(key: &str, keys: &[String]) -> bool {
     keys.iter().fold(false, |found, k| {
-        found | bool::from(k.as_bytes().ct_eq(key.as_bytes()))
+        found | ringcast_proto::auth::same_secret(key.as_bytes(), k.as_bytes())
     })
 }
 

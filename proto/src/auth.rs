@@ -68,7 +68,7 @@ impl ClusterSecret {
             .get(SECRET_HEADER)
             .map(|v| v.as_bytes())
             .unwrap_or_default();
-        if bool::from(given.ct_eq(secret.as_bytes())) {
+        if same_secret(given, secret.as_bytes()) {
             Ok(())
         } else {
             Err(Status::unauthenticated(
@@ -76,6 +76,19 @@ impl ClusterSecret {
             ))
         }
     }
+}
+
+/// Whether `given` is `secret`, in time that depends on neither's content nor on the secret's
+/// length (both are padded to the longer: a caller learns only the length it sent).
+pub fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    let n = given.len().max(secret.len());
+    let padded = |s: &[u8]| {
+        let mut v = vec![0u8; n];
+        v[..s.len()].copy_from_slice(s);
+        v
+    };
+    let lengths = (given.len() as u64).ct_eq(&(secret.len() as u64));
+    bool::from(padded(given).ct_eq(&padded(secret)) & lengths)
 }
 
 #[cfg(test)]
@@ -103,5 +116,19 @@ mod tests {
         );
         assert!(ClusterSecret::parse(Some("short")).is_err());
         assert!(ClusterSecret::parse(Some("has a space in it ....")).is_err());
+    }
+
+    #[test]
+    fn a_secret_matches_itself_only() {
+        let secret = b"0123456789abcdef";
+        assert!(same_secret(secret, secret));
+        assert!(!same_secret(b"0123456789abcdeX", secret));
+        assert!(!same_secret(b"0123456789abcde", secret), "a prefix");
+        assert!(
+            !same_secret(b"0123456789abcdef\0", secret),
+            "padded with what pads"
+        );
+        assert!(!same_secret(b"", secret));
+        assert!(same_secret(b"", b""));
     }
 }

@@ -455,14 +455,16 @@ impl<G: PartialEq + Clone> Presence<G> {
     }
 }
 
-/// `{"<key>": {"metas": [{"phx_ref": ..., ...meta}, ...]}, ...}`, keys in order.
+/// `{"<key>": {"metas": [{"phx_ref": ..., ...meta}, ...]}, ...}`, keys and metas in order.
 fn state_json<'a>(entries: impl Iterator<Item = &'a Entry>) -> String {
     let mut by_key: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
     for e in entries {
         by_key.entry(&e.key).or_default().push(e);
     }
     let mut out = String::from("{");
-    for (i, (key, entries)) in by_key.into_iter().enumerate() {
+    for (i, (key, mut entries)) in by_key.into_iter().enumerate() {
+        // The same text for everyone, whatever order the entries are held in.
+        entries.sort_unstable_by(|a, b| a.phx_ref.cmp(&b.phx_ref));
         if i > 0 {
             out.push(',');
         }
