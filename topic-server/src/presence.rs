@@ -15,6 +15,8 @@
 //! `presence_stats` replaces each diff (when the counts changed); at half that it is listed
 //! again, announced with a whole `presence_state`.
 
+use bytes::Bytes;
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
@@ -113,6 +115,9 @@ pub struct Presence<G> {
     sent_at: Option<Instant>,
     /// Something to flush (a change, or a switch between listed and counted).
     dirty: bool,
+    /// The listed state as of the last flush, once a joiner asked: the same until the next
+    /// flush, so a burst of joiners shares one copy.
+    flushed_state: OnceCell<Bytes>,
 }
 
 /// Counts never sent: the next flush says them.
@@ -132,6 +137,7 @@ impl<G> Default for Presence<G> {
             sent: UNSENT,
             sent_at: None,
             dirty: false,
+            flushed_state: OnceCell::new(),
         }
     }
 }
@@ -334,19 +340,25 @@ impl<G: PartialEq + Clone> Presence<G> {
         self.stats = counted;
         (self.sent, self.sent_at) = (UNSENT, None);
         self.dirty = counted;
+        self.flushed_state.take();
     }
 
     /// What a joiner gets: the state as of the last flush (`presence_state`), or the counts
     /// (`presence_stats`) when there are too many members to list.
-    pub fn snapshot(&self) -> (&'static str, String) {
+    pub fn snapshot(&self) -> (&'static str, Bytes) {
         if self.stats {
-            return ("presence_stats", self.stats_json());
+            return ("presence_stats", Bytes::from(self.stats_json()));
         }
-        let flushed = self
-            .entries()
-            .filter(|e| !self.joins.contains_key(&e.phx_ref))
-            .chain(&self.leaves);
-        ("presence_state", state_json(flushed))
+        // The entries now, less the joins not sent yet, plus the leaves not sent yet: what
+        // changes between two flushes does not change this.
+        let state = self.flushed_state.get_or_init(|| {
+            let flushed = self
+                .entries()
+                .filter(|e| !self.joins.contains_key(&e.phx_ref))
+                .chain(&self.leaves);
+            Bytes::from(state_json(flushed))
+        });
+        ("presence_state", state.clone())
     }
 
     /// The whole state now (the backend API); `None` while counted.
@@ -366,6 +378,7 @@ impl<G: PartialEq + Clone> Presence<G> {
             return None;
         }
         self.dirty = false;
+        self.flushed_state.take();
         let (joins, leaves) = (
             std::mem::take(&mut self.joins),
             std::mem::take(&mut self.leaves),
@@ -525,8 +538,8 @@ mod tests {
         *T0.get_or_init(Instant::now)
     }
 
-    fn parse(text: &str) -> Value {
-        serde_json::from_str(text).unwrap()
+    fn parse(text: impl AsRef<[u8]>) -> Value {
+        serde_json::from_slice(text.as_ref()).unwrap()
     }
 
     /// A phoenix.js client's state: `presence_state` then each diff (joins, then leaves).
@@ -534,7 +547,7 @@ mod tests {
     struct Client(serde_json::Map<String, Value>);
 
     impl Client {
-        fn apply(&mut self, event: &str, payload: &str) {
+        fn apply(&mut self, event: &str, payload: impl AsRef<[u8]>) {
             let payload = parse(payload);
             match event {
                 "presence_state" => self.0 = payload.as_object().unwrap().clone(),
@@ -590,7 +603,7 @@ mod tests {
 
     fn owner_refs(p: &Presence<u8>) -> BTreeMap<String, Vec<String>> {
         let mut c = Client::default();
-        c.apply("presence_state", &p.state().unwrap());
+        c.apply("presence_state", p.state().unwrap());
         c.refs()
     }
 
@@ -869,5 +882,23 @@ mod tests {
         let (_, diff) = new.flush(&l, t0()).unwrap();
         assert_eq!(parse(&diff)["leaves"]["z"]["metas"][0]["phx_ref"], "r9");
         assert!(!new.adopt(&9, "gw-2", 1), "another gateway's subscriber 1");
+    }
+
+    #[test]
+    fn joiners_between_two_flushes_share_one_state() {
+        let l = limits(10);
+        let mut p = Presence::<u8>::default();
+        p.track(&1, 1, entry("a", "r1", "{}"), &l).unwrap();
+        p.flush(&l, t0()).unwrap();
+        let (_, first) = p.snapshot();
+        // Changes since the flush do not show, and the text is not built again.
+        p.track(&1, 2, entry("b", "r2", "{}"), &l).unwrap();
+        p.untrack(&1, 1);
+        let (_, second) = p.snapshot();
+        assert_eq!(first.as_ptr(), second.as_ptr(), "one copy");
+        assert_eq!(parse(&second), json!({"a": {"metas": [{"phx_ref": "r1"}]}}));
+        p.flush(&l, t0()).unwrap();
+        let (_, third) = p.snapshot();
+        assert_eq!(parse(&third), json!({"b": {"metas": [{"phx_ref": "r2"}]}}));
     }
 }

@@ -276,10 +276,10 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     }
 
     /// What a joiner of `topic` gets: `presence_state` or `presence_stats`, and the JSON.
-    pub fn presence_snapshot(&self, topic: &str) -> (&'static str, String) {
+    pub fn presence_snapshot(&self, topic: &str) -> (&'static str, Bytes) {
         match self.topics.get(topic) {
             Some(state) => state.presence.snapshot(),
-            None => ("presence_state", "{}".to_owned()),
+            None => ("presence_state", Bytes::from_static(b"{}")),
         }
     }
 
@@ -1012,7 +1012,7 @@ mod tests {
         assert!(new.flush_presence(now).is_empty());
         new.subscribe("t", &"link-7", 1, None, now);
         new.adopt("t", &"link-7", "gw-a", 1);
-        assert!(new.presence_snapshot("t").1.contains("alice"));
+        assert!(String::from_utf8_lossy(&new.presence_snapshot("t").1).contains("alice"));
         // Carol's gateway never moves her: she leaves once the wait is over.
         new.expire(now + crate::presence::ADOPT_WITHIN);
         let news = new.flush_presence(now);

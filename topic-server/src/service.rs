@@ -1148,7 +1148,7 @@ impl Shared {
         request_id: u64,
         recover: Option<Position>,
         subscribed: crate::registry::Subscribed,
-        presence: Option<(&'static str, String)>,
+        presence: Option<(&'static str, Bytes)>,
     ) {
         let Position { epoch, offset } = subscribed.position;
         let ack = match (recover, subscribed.replay) {
@@ -1170,7 +1170,6 @@ impl Shared {
             }
             (None, _) => Down::ack(request_id, epoch, offset),
         };
-        let presence = presence.map(|(event, state)| (event, Bytes::from(state)));
         self.send(&link.0, ack.with_presence(presence));
     }
 
