@@ -78,8 +78,9 @@ impl ClusterSecret {
     }
 }
 
-/// Whether `given` is `secret`, in time that depends on neither's content nor on the secret's
-/// length (both are padded to the longer: a caller learns only the length it sent).
+/// Whether `given` is `secret`, in time that depends on neither's content (both are padded to
+/// the longer of the two: a caller may learn whether the secret is longer than what it sent,
+/// nothing about its bytes).
 pub fn same_secret(given: &[u8], secret: &[u8]) -> bool {
     let n = given.len().max(secret.len());
     let padded = |s: &[u8]| {

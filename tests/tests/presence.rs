@@ -454,3 +454,19 @@ async fn a_crowd_is_counted_not_listed() {
         assert_eq!(reply["status"], "error", "{params}: {reply}");
     }
 }
+
+#[tokio::test]
+async fn a_node_with_all_the_topics_it_may_hold_still_tracks_presence_in_them() {
+    // One topic per topic server: the topic exists, so joining it with presence is no new
+    // topic and must not be refused.
+    let cluster = Cluster::start_with(spec(&[("TOPIC_SERVER_MAX_TOPICS", "1")])).await;
+    let topic = "room:full";
+    let mut alice = user(&cluster, 0, "alice").await;
+    join(&mut alice, topic, json!({})).await;
+    let mut bob = user(&cluster, 1, "bob").await;
+    join(&mut bob, topic, json!({})).await;
+    let both = [("alice", 1), ("bob", 1)];
+    let (seen, _) = sees(&mut alice, topic, &both).await;
+    sees(&mut bob, topic, &both).await;
+    assert_eq!(seen, owner(&cluster, topic).await);
+}

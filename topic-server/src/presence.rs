@@ -116,8 +116,14 @@ pub struct Presence<G> {
     /// Something to flush (a change, or a switch between listed and counted).
     dirty: bool,
     /// The listed state as of the last flush, once a joiner asked: the same until the next
-    /// flush, so a burst of joiners shares one copy.
+    /// flush, so a burst of joiners shares one copy. Counted in [`Presence::bytes`].
     flushed_state: OnceCell<Bytes>,
+    /// Handed over, and something was said since to the gateways that had moved here: a
+    /// gateway that moves later missed it, so its adoption makes the next flush say the whole
+    /// presence (state or counts) again.
+    said_since_handover: bool,
+    /// The next flush says the whole presence again.
+    resend: bool,
 }
 
 /// Counts never sent: the next flush says them.
@@ -138,6 +144,8 @@ impl<G> Default for Presence<G> {
             sent_at: None,
             dirty: false,
             flushed_state: OnceCell::new(),
+            said_since_handover: false,
+            resend: false,
         }
     }
 }
@@ -148,9 +156,9 @@ impl<G: PartialEq + Clone> Presence<G> {
         self.count == 0
     }
 
-    /// Bytes held (entries and the changes waiting for the next diff).
+    /// Bytes held (entries, the changes waiting for the next diff, the state joiners share).
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.flushed_state.get().map_or(0, Bytes::len)
     }
 
     /// Members (tracked subscribers, adopted or not) and distinct keys.
@@ -275,6 +283,9 @@ impl<G: PartialEq + Clone> Presence<G> {
         if let Some(old) = replaced {
             self.removed(old);
         }
+        if self.said_since_handover {
+            (self.resend, self.dirty) = (true, true);
+        }
         true
     }
 
@@ -377,6 +388,18 @@ impl<G: PartialEq + Clone> Presence<G> {
         if !self.dirty {
             return None;
         }
+        let said = self.flush_changes(limits, now);
+        if said.is_some() && !self.orphans.is_empty() {
+            self.said_since_handover = true;
+        }
+        said
+    }
+
+    fn flush_changes(
+        &mut self,
+        limits: &PresenceLimits,
+        now: Instant,
+    ) -> Option<(&'static str, String)> {
         self.dirty = false;
         self.flushed_state.take();
         let (joins, leaves) = (
@@ -388,6 +411,14 @@ impl<G: PartialEq + Clone> Presence<G> {
             .chain(&leaves)
             .map(Entry::bytes)
             .sum::<usize>();
+        if std::mem::take(&mut self.resend) {
+            // A late adopter's subscribers missed what was said: everything again.
+            if self.stats {
+                self.sent = UNSENT;
+            } else if self.count <= limits.listed_max {
+                return Some(("presence_state", state_json(self.entries())));
+            }
+        }
         if !self.stats && self.count > limits.listed_max {
             // Counted from now on: the counts go out at once.
             self.stats = true;
@@ -879,8 +910,15 @@ mod tests {
         new.flush(&l, t0()).unwrap();
         assert!(new.adopt(&9, "gw-1", 1));
         assert_eq!(new.counts(), (1, 1));
-        let (_, diff) = new.flush(&l, t0()).unwrap();
-        assert_eq!(parse(&diff)["leaves"]["z"]["metas"][0]["phx_ref"], "r9");
+        // z's join was said since the handover: the whole state again, without z.
+        let (event, state) = new.flush(&l, t0()).unwrap();
+        assert_eq!(
+            (event, parse(&state)),
+            (
+                "presence_state",
+                json!({"a": {"metas": [{"phx_ref": "r1"}]}})
+            )
+        );
         assert!(!new.adopt(&9, "gw-2", 1), "another gateway's subscriber 1");
     }
 
@@ -900,5 +938,75 @@ mod tests {
         p.flush(&l, t0()).unwrap();
         let (_, third) = p.snapshot();
         assert_eq!(parse(&third), json!({"b": {"metas": [{"phx_ref": "r2"}]}}));
+    }
+
+    #[test]
+    fn a_gateway_that_moves_late_hears_everything_again_if_it_missed_something() {
+        let l = limits(10);
+        let mut old = Presence::<u8>::default();
+        old.track(&1, 1, entry("a", "r1", "{}"), &l).unwrap();
+        old.track(&1, 2, entry("b", "r2", "{}"), &l).unwrap();
+        old.track(&2, 1, entry("c", "r3", "{}"), &l).unwrap();
+        old.flush(&l, t0());
+        let handed = old.hand_over(|g| format!("gw-{g}"));
+        let mut new = Presence::<u8>::default();
+        new.install(handed, t0() + ADOPT_WITHIN, false, &l);
+        // Gateway 1 moves; one of its members leaves: said to gateway 1 only.
+        assert!(new.adopt(&8, "gw-1", 1) && new.adopt(&8, "gw-1", 2));
+        assert_eq!(new.flush(&l, t0()), None, "a move says nothing");
+        new.untrack(&8, 2);
+        let (event, _) = new.flush(&l, t0()).unwrap();
+        assert_eq!(event, "presence_diff");
+        // Gateway 2 moves after that: everyone gets the whole state once.
+        assert!(new.adopt(&9, "gw-2", 1));
+        let (event, state) = new.flush(&l, t0()).unwrap();
+        assert_eq!(event, "presence_state");
+        assert_eq!(
+            parse(&state)
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            ["a", "c"]
+        );
+        assert_eq!(new.flush(&l, t0()), None, "once");
+    }
+
+    #[test]
+    fn a_counted_topic_says_its_counts_again_to_a_late_adopter() {
+        let l = limits(2);
+        let mut old = Presence::<u8>::default();
+        for s in 0..3 {
+            old.track(&(s as u8), s, entry("k", &format!("r{s}"), "{}"), &l)
+                .unwrap();
+        }
+        old.flush(&l, t0()).unwrap();
+        assert!(old.is_counted());
+        let handed = old.hand_over(|g| format!("gw-{g}"));
+        let mut new = Presence::<u8>::default();
+        new.install(handed, t0() + ADOPT_WITHIN, true, &l);
+        assert!(new.adopt(&7, "gw-0", 0));
+        assert_eq!(new.flush(&l, t0()).unwrap().0, "presence_stats");
+        assert!(new.adopt(&8, "gw-1", 1));
+        assert_eq!(new.flush(&l, t0()), None, "within the second");
+        let (event, stats) = new.flush(&l, t0() + STATS_EVERY).unwrap();
+        assert_eq!(
+            (event, parse(&stats)),
+            ("presence_stats", json!({"members": 3, "keys": 1}))
+        );
+    }
+
+    #[test]
+    fn the_shared_state_counts_as_held() {
+        let l = limits(10);
+        let mut p = Presence::<u8>::default();
+        p.track(&1, 1, entry("a", "r1", "{}"), &l).unwrap();
+        p.flush(&l, t0()).unwrap();
+        let entries = p.bytes();
+        let (_, state) = p.snapshot();
+        assert_eq!(p.bytes(), entries + state.len());
+        p.untrack(&1, 1);
+        p.flush(&l, t0()).unwrap();
+        assert_eq!(p.bytes(), 0);
     }
 }

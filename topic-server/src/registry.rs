@@ -276,11 +276,10 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     }
 
     /// What a joiner of `topic` gets: `presence_state` or `presence_stats`, and the JSON.
-    pub fn presence_snapshot(&self, topic: &str) -> (&'static str, Bytes) {
-        match self.topics.get(topic) {
-            Some(state) => state.presence.snapshot(),
-            None => ("presence_state", Bytes::from_static(b"{}")),
-        }
+    pub fn presence_snapshot(&mut self, topic: &str) -> (&'static str, Bytes) {
+        // Through `presence_change`: the copy joiners share counts as held.
+        self.presence_change(topic, |p, _| p.snapshot())
+            .unwrap_or(("presence_state", Bytes::from_static(b"{}")))
     }
 
     /// `topic`'s members and keys, and its whole presence now (JSON) if `listed` is asked

@@ -1009,8 +1009,9 @@ impl Shared {
                 let snapshot = match presence {
                     Some(track) => {
                         if let Some((key, meta)) = track {
-                            // A node that holds all it may takes no new presence either.
-                            let tracked = match self.full() {
+                            // A node that holds all the bytes it may takes no new presence
+                            // either (the topic exists: its count is not the matter).
+                            let tracked = match self.bytes_full() {
                                 true => Err(presence::Full),
                                 false => shard.track(&sub.topic, link, sub.subscriber, &key, meta),
                             };
@@ -1272,8 +1273,12 @@ impl Shared {
 
     /// Whether this node holds as many topics, or as many bytes for them, as it may.
     fn full(&self) -> bool {
-        self.totals.topics.load(Relaxed) >= self.limits.max_topics
-            || self.totals.bytes.load(Relaxed) >= self.limits.max_held_bytes
+        self.totals.topics.load(Relaxed) >= self.limits.max_topics || self.bytes_full()
+    }
+
+    /// Whether this node holds as many bytes for its topics as it may.
+    fn bytes_full(&self) -> bool {
+        self.totals.bytes.load(Relaxed) >= self.limits.max_held_bytes
     }
 
     /// A gateway or peer mentioned ring `version`: say so once if it is newer than ours.
