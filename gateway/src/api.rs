@@ -229,7 +229,7 @@ fn message(g: &Gateway, event: &str, payload: &RawValue) -> Result<bytes::Bytes,
             ),
         ));
     }
-    Ok(bytes::Bytes::copy_from_slice(payload.as_bytes()))
+    Ok(bytes::Bytes::from(payload.into_owned()))
 }
 
 fn check_key(key: &Option<String>) -> Result<(), ApiError> {

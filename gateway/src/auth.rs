@@ -98,13 +98,18 @@ pub struct Patterns(Vec<String>);
 impl Patterns {
     /// Whether `topic` matches one of the patterns, `{sub}` read as `sub`.
     pub fn allows(&self, topic: &str, sub: &str) -> bool {
-        self.0.iter().any(|p| {
-            let p = p.replace("{sub}", sub);
-            match p.strip_suffix('*') {
-                Some(prefix) => topic.starts_with(prefix),
-                None => topic == p,
-            }
+        self.0.iter().any(|p| match p.contains("{sub}") {
+            true => topic_matches(&p.replace("{sub}", sub), topic),
+            false => topic_matches(p, topic),
         })
+    }
+}
+
+/// Whether `topic` is `pattern`, or starts with it when it ends with `*`.
+pub fn topic_matches(pattern: &str, topic: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => topic.starts_with(prefix),
+        None => topic == pattern,
     }
 }
 
@@ -326,7 +331,8 @@ pub fn keys_from(secrets: Option<&str>, public_keys: Option<&str>) -> Result<Vec
     Ok(keys)
 }
 
-fn list(value: Option<&str>) -> impl Iterator<Item = &str> {
+/// The entries of a comma-separated setting, trimmed, empty ones skipped.
+pub(crate) fn list(value: Option<&str>) -> impl Iterator<Item = &str> {
     value
         .unwrap_or_default()
         .split(',')

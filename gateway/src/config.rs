@@ -3,6 +3,7 @@
 //! `Config` is plain data so tests build it directly; `Config::from_env` parses the
 //! environment (and `--help`) with clap, and every error names the variable at fault.
 
+use crate::auth::list;
 use clap::Parser;
 use ringcast_ring::{Ring, RingSource};
 use std::net::SocketAddr;
@@ -134,13 +135,7 @@ impl Config {
     /// Whether clients may join `topic` under the configured patterns.
     pub fn topic_allowed(&self, topic: &str) -> bool {
         self.topic_patterns.is_empty()
-            || self
-                .topic_patterns
-                .iter()
-                .any(|p| match p.strip_suffix('*') {
-                    Some(prefix) => topic.starts_with(prefix),
-                    None => topic == p,
-                })
+            || (self.topic_patterns.iter()).any(|p| crate::auth::topic_matches(p, topic))
     }
 }
 
@@ -335,20 +330,8 @@ impl Cli {
         config.idle_timeout = Duration::from_secs(self.idle_timeout_secs);
         config.keepalive = Duration::from_secs(self.keepalive_secs);
         config.link_threads = self.link_threads.into();
-        config.admin_listen = match self.admin_listen {
-            Some(addr) => addr,
-            None => {
-                let port = self
-                    .listen
-                    .port()
-                    .checked_add(100)
-                    .filter(|_| self.listen.port() != 0);
-                let port = port.ok_or(
-                    "GATEWAY_ADMIN_LISTEN: set it (the default is the GATEWAY_LISTEN port + 100)",
-                )?;
-                SocketAddr::from(([127, 0, 0, 1], port))
-            }
-        };
+        config.admin_listen =
+            ringcast_topic_server::config::admin_listen(self.admin_listen, self.listen, "GATEWAY")?;
         config.write_timeout = Duration::from_secs(self.write_timeout_secs);
         config.max_outbound_bytes = self.max_outbound_bytes as usize;
         config.client_rate = Rate {
@@ -387,12 +370,7 @@ impl Cli {
         config.cluster_secret =
             ringcast_proto::auth::ClusterSecret::parse(self.cluster_secret.as_deref())?;
         if let Some(origins) = self.allowed_origins {
-            config.allowed_origins = origins
-                .split(',')
-                .map(str::trim)
-                .filter(|o| !o.is_empty())
-                .map(str::to_owned)
-                .collect();
+            config.allowed_origins = list(Some(&origins)).map(str::to_owned).collect();
         }
         config.drain = Duration::from_secs(self.drain_secs);
         config.api_keys = api_keys(self.api_keys.as_deref())?;
@@ -401,12 +379,7 @@ impl Cli {
             return Err("GATEWAY_API_LISTEN is set but GATEWAY_API_KEYS is not: set the keys backends use (Authorization: Bearer <key>)".into());
         }
         if let Some(topics) = self.topics {
-            config.topic_patterns = topics
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(str::to_owned)
-                .collect();
+            config.topic_patterns = list(Some(&topics)).map(str::to_owned).collect();
             if config.topic_patterns.is_empty() {
                 return Err("GATEWAY_TOPICS is set but names no topic pattern".into());
             }
@@ -417,13 +390,7 @@ impl Cli {
 
 /// `GATEWAY_API_KEYS`: comma-separated, each long enough.
 fn api_keys(keys: Option<&str>) -> Result<Vec<String>, String> {
-    let keys: Vec<String> = keys
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .map(str::to_owned)
-        .collect();
+    let keys: Vec<String> = list(keys).map(str::to_owned).collect();
     match keys.iter().position(|k| k.len() < MIN_API_KEY_BYTES) {
         Some(i) => Err(format!(
             "GATEWAY_API_KEYS: key {} is shorter than {MIN_API_KEY_BYTES} bytes",

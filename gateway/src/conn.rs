@@ -16,8 +16,6 @@ use tokio::sync::Notify;
 /// What the connection's task is told by the rest of the gateway, in order.
 #[derive(Debug)]
 pub enum ConnEvent {
-    /// A websocket frame to write as is ([`crate::ws::text_frame`]): a reply or an error.
-    Frame(Bytes),
     /// A subscription's feed has frames after the reader, which had read everything.
     Feed(Arc<Reader>),
     /// News about one of the connection's channels, boxed so that the queue's slots (32

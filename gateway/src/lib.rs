@@ -29,7 +29,8 @@ pub use config::Config;
 
 impl Gateway {
     pub fn is_draining(&self) -> bool {
-        self.draining.load(std::sync::atomic::Ordering::Relaxed) || self.shutdown.is_cancelled()
+        // The drain starts as soon as the shutdown is asked for.
+        self.shutdown.is_cancelled()
     }
 }
 pub use server::{Listeners, run};
@@ -54,8 +55,6 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
     /// Open connections: cut (1012) by a drain, or a user's by the backend API.
     pub conns: Arc<conn::Registry>,
-    /// Set when the drain starts: readiness fails from then on.
-    pub draining: std::sync::atomic::AtomicBool,
     /// How often security events (clients closed for what they did) are logged.
     pub security_log: limits::LogLimit,
 }

@@ -150,7 +150,6 @@ pub async fn run(
         next_conn: AtomicU64::new(1),
         shutdown: shutdown.clone(),
         conns,
-        draining: Default::default(),
         security_log: crate::limits::LogLimit::new(10, 50),
     });
     tracing::info!(
@@ -188,7 +187,6 @@ pub async fn run(
 
     // The drain: not ready, no new websockets (the listener is closed), then every
     // connection closed with 1012, evenly over the drain time.
-    gateway.draining.store(true, Relaxed);
     let open = gateway.conns.close();
     tokio::select! {
         () = drain::drain(open, drain_time, now.clone(), &gateway.metrics) => {}

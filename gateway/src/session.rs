@@ -459,7 +459,7 @@ impl Session {
             },
             topic: f.topic.clone(),
             event,
-            payload: bytes::Bytes::copy_from_slice(codec::compact(payload).as_bytes()),
+            payload: bytes::Bytes::from(codec::compact(payload).into_owned()),
             idempotency_key: None,
         };
         if self.gateway.cluster.publish(publish).is_err() {
@@ -522,7 +522,6 @@ impl Session {
     /// Applies one inbox event.
     pub fn on_event(&mut self, event: ConnEvent, out: &mut Outbox) {
         match event {
-            ConnEvent::Frame(frame) => out.push(frame),
             ConnEvent::Feed(reader) => self.read_feed(&reader, out),
             ConnEvent::Channel(event) => self.on_channel_event(*event, out),
         }
@@ -966,7 +965,7 @@ pub async fn serve(
             Ok(()) => {
                 let stamp = out.take_stamp();
                 if stamp != 0 {
-                    let micros = unix_micros().saturating_sub(stamp);
+                    let micros = ringcast_proto::unix_micros().saturating_sub(stamp);
                     metrics.delivery_latency.observe(micros as f64 / 1e6);
                 }
             }
@@ -1065,13 +1064,6 @@ async fn write_out(
             Err(_) => return Err(timed_out()),
         }
     }
-}
-
-/// Now, in microseconds since the Unix epoch (the owners' stamps are on the same scale).
-fn unix_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// The close code and reason for a connection the gateway cuts.

@@ -130,6 +130,14 @@ impl Down {
     }
 }
 
+/// Now, in microseconds since the Unix epoch: how an owner stamps a delivery's accept time
+/// (`accepted_unix_micros`) and how a gateway measures the delivery latency against it.
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 impl Up {
     pub fn hello(gateway_id: String, instance: u64, ring_version: u64) -> Up {
         Up {

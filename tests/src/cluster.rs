@@ -189,11 +189,6 @@ impl Proc {
         self.child.as_ref().expect("process is running").id()
     }
 
-    /// Resident memory of the running process, in KiB.
-    pub fn rss_kib(&self) -> u64 {
-        self.proc_status_kib("VmRSS:")
-    }
-
     /// The most resident memory the process has had so far, in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
         self.proc_status_kib("VmHWM:")
@@ -302,6 +297,23 @@ pub struct ClusterSpec {
     /// Gateways and topic servers read different ring files, so that a test can give an
     /// edit to one side first.
     pub split_rings: bool,
+}
+
+/// One `/status` number added up over `procs`.
+pub async fn status_sum<'a>(procs: impl IntoIterator<Item = &'a Proc>, key: &str) -> u64 {
+    let mut total = 0;
+    for p in procs {
+        total += p.status().await[key].as_u64().unwrap_or(0);
+    }
+    total
+}
+
+/// Environment pairs as a [`ClusterSpec`] takes them.
+pub fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Which processes a ring edit reaches.

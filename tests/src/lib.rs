@@ -5,6 +5,7 @@
 //! killed when their handle drops. Everything waits on events with timeouts, never sleeps.
 
 pub mod cluster;
+pub mod jwt;
 pub mod node;
 pub mod proxy;
 pub mod traffic;

@@ -5,22 +5,18 @@
 //! with no error.
 
 use futures::{SinkExt, StreamExt};
+use ringcast_tests::cluster::{env, status_sum};
 use ringcast_tests::ws::Ended;
-use ringcast_tests::{Cluster, ClusterSpec, WsClient, eventually};
+use ringcast_tests::{Cluster, ClusterSpec, EVENT_TIMEOUT, WsClient, eventually};
 use serde_json::{Value, json};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
 fn spec(gateway_env: &[(&str, &str)], topic_server_env: &[(&str, &str)]) -> ClusterSpec {
-    let own = |env: &[(&str, &str)]| {
-        env.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    };
     ClusterSpec {
-        gateway_env: own(gateway_env),
-        topic_server_env: own(topic_server_env),
+        gateway_env: env(gateway_env),
+        topic_server_env: env(topic_server_env),
         ..Default::default()
     }
 }
@@ -77,14 +73,6 @@ impl Bystander {
             "the bystander is still connected"
         );
     }
-}
-
-async fn status_sum(procs: &[ringcast_tests::Proc], key: &str) -> u64 {
-    let mut total = 0;
-    for p in procs {
-        total += p.status().await[key].as_u64().unwrap_or(0);
-    }
-    total
 }
 
 type RawWs =
@@ -254,11 +242,17 @@ async fn a_storm_of_recovering_rejoins_is_refused_and_spares_the_shared_stream()
         .send(Message::Text(join.to_string().into()))
         .await
         .unwrap();
-    let reply: Value = loop {
-        if let Some(Ok(Message::Text(t))) = attacker.next().await {
-            break serde_json::from_str(t.as_str()).unwrap();
+    let reply: Value = tokio::time::timeout(EVENT_TIMEOUT, async {
+        loop {
+            match attacker.next().await {
+                Some(Ok(Message::Text(t))) => break serde_json::from_str(t.as_str()).unwrap(),
+                Some(Ok(_)) => continue,
+                other => panic!("the join reply never came: {other:?}"),
+            }
         }
-    };
+    })
+    .await
+    .expect("the join reply within EVENT_TIMEOUT");
     let epoch = reply[4]["response"]["epoch"].as_str().unwrap().to_owned();
     for k in 0..100 {
         let publish = json!(["1", format!("p{k}"), "room:flood", "publish", ["m", k]]);

@@ -1,6 +1,7 @@
 //! Crashes, silent peers and partitions with real processes: the affected channels get
 //! `phx_error`, nothing else is disturbed, nothing leaks, and clients recover after healing.
 
+use ringcast_tests::cluster::status_sum;
 use ringcast_tests::{Cluster, ClusterSpec, EVENT_TIMEOUT, NodeClient, WsClient};
 use serde_json::{Value, json};
 use std::time::Instant;
@@ -39,14 +40,6 @@ async fn expect_channel_error(c: &mut WsClient, topic: &str, join_ref: &str) -> 
             "unexpected frame before the error: {frame}"
         );
     }
-}
-
-async fn sum_status(cluster: &Cluster, key: &str) -> u64 {
-    let mut total = 0;
-    for ts in &cluster.topic_servers {
-        total += ts.status().await[key].as_u64().unwrap_or(0);
-    }
-    total
 }
 
 #[tokio::test]
@@ -133,7 +126,7 @@ async fn a_crashed_gateway_leaves_no_subscription_behind() {
     }
     let mut survivor = WsClient::connect(&cluster.ws_url(1)).await;
     survivor.join_ok(&topics[0], "1").await;
-    assert_eq!(sum_status(&cluster, "subscriptions").await, 7);
+    assert_eq!(status_sum(&cluster.topic_servers, "subscriptions").await, 7);
 
     cluster.gateways[0].kill();
     for ts in &cluster.topic_servers {
@@ -142,8 +135,11 @@ async fn a_crashed_gateway_leaves_no_subscription_behind() {
         })
         .await;
     }
-    assert_eq!(sum_status(&cluster, "subscriptions").await, 1);
-    assert_eq!(sum_status(&cluster, "subscriptions_dropped").await, 6);
+    assert_eq!(status_sum(&cluster.topic_servers, "subscriptions").await, 1);
+    assert_eq!(
+        status_sum(&cluster.topic_servers, "subscriptions_dropped").await,
+        6
+    );
     survivor.publish("1", &topics[0], "m", json!("alive")).await;
     assert_eq!(survivor.recv_json().await[4], "alive");
 }
@@ -154,7 +150,7 @@ async fn a_silent_gateway_is_dropped_by_keepalive() {
     let mut c = WsClient::connect(&cluster.ws_url(0)).await;
     c.join_ok(&cluster.topic_on(0, "room:z"), "1").await;
     c.join_ok(&cluster.topic_on(1, "room:z"), "2").await;
-    assert_eq!(sum_status(&cluster, "subscriptions").await, 2);
+    assert_eq!(status_sum(&cluster.topic_servers, "subscriptions").await, 2);
 
     cluster.gateways[0].pause();
     let started = Instant::now();
@@ -168,7 +164,10 @@ async fn a_silent_gateway_is_dropped_by_keepalive() {
         "silent gateway dropped after {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    assert_eq!(sum_status(&cluster, "subscriptions_dropped").await, 2);
+    assert_eq!(
+        status_sum(&cluster.topic_servers, "subscriptions_dropped").await,
+        2
+    );
     cluster.gateways[0].resume();
     // Its channels were cut at the owners, so the gateway errors them, and heals by itself.
     expect_channel_error(&mut c, &cluster.topic_on(0, "room:z"), "1").await;

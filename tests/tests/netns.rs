@@ -162,17 +162,9 @@ async fn join_until_ok(client: &mut NodeClient, topic: &str) -> Value {
 }
 
 fn token() -> String {
-    use jsonwebtoken::{Algorithm, EncodingKey, Header};
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let mut header = Header::new(Algorithm::HS256);
-    header.kid = Some("k1".into());
+    let exp = ringcast_tests::jwt::now_secs() + 600;
     let claims = json!({"sub": "42", "exp": exp, "subscribe": ["room:*"], "publish": ["room:*"]});
-    let key = EncodingKey::from_secret(b"an-hs256-secret-of-at-least-32-bytes");
-    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    ringcast_tests::jwt::sign(Some("k1"), b"an-hs256-secret-of-at-least-32-bytes", &claims)
 }
 
 #[tokio::test]

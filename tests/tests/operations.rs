@@ -4,23 +4,16 @@
 //! and the drain itself (connections leave evenly and recover at another gateway).
 
 use futures::{SinkExt, StreamExt};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use ringcast_tests::cluster::{Proc, free_port, write_ring, ws_url};
+use ringcast_tests::cluster::{Proc, env, free_port, write_ring, ws_url};
+use ringcast_tests::jwt::{now_secs, sign};
 use ringcast_tests::ws::Ended;
 use ringcast_tests::{Cluster, ClusterSpec, EVENT_TIMEOUT, WsClient, eventually};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-
-fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 /// `POST /api/publish` of `{"n": n}` as event `news`; returns the answer.
 async fn publish(gw: &Proc, topic: &str, n: u64, key: Option<&str>) -> (u16, Value) {
@@ -116,6 +109,16 @@ async fn a_backend_publishes_to_subscribers_on_every_gateway_and_a_retry_is_not_
     );
 }
 
+/// An API call that must fail: status, error code, method, path, key, body.
+type BadCall<'a> = (
+    u16,
+    &'a str,
+    &'a reqwest::Method,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+);
+
 #[tokio::test]
 async fn bad_calls_get_a_clear_status_and_a_json_error() {
     let cluster = Cluster::start_with(ClusterSpec {
@@ -126,183 +129,132 @@ async fn bad_calls_get_a_clear_status_and_a_json_error() {
     .await;
     let gw = &cluster.gateways[0];
     let key = Some(ringcast_tests::cluster::TEST_API_KEY);
-    let post = reqwest::Method::POST;
+    let (get, post) = (reqwest::Method::GET, reqwest::Method::POST);
     let ok_body = r#"{"topic":"room:x","event":"e","payload":{}}"#;
-    let cases: Vec<(u16, &str, (u16, Value))> = vec![
+    let big_payload = format!(
+        r#"{{"topic":"room:x","event":"e","payload":"{}"}}"#,
+        "x".repeat(2000)
+    );
+    let big_body = "x".repeat(2 << 20);
+    let cases: Vec<BadCall<'_>> = vec![
         (
             401,
             "unauthorized",
-            raw(gw, post.clone(), "/api/publish", None, Some(ok_body)).await,
+            &post,
+            "/api/publish",
+            None,
+            Some(ok_body),
         ),
         (
             401,
             "unauthorized",
-            raw(
-                gw,
-                post.clone(),
-                "/api/publish",
-                Some("not-a-key-of-ours-0000"),
-                Some(ok_body),
-            )
-            .await,
+            &post,
+            "/api/publish",
+            Some("not-a-key-of-ours-0000"),
+            Some(ok_body),
         ),
         (
             400,
             "bad_request",
-            raw(gw, post.clone(), "/api/publish", key, Some("{not json")).await,
+            &post,
+            "/api/publish",
+            key,
+            Some("{not json"),
         ),
         (
             400,
             "bad_request",
-            raw(
-                gw,
-                post.clone(),
-                "/api/publish",
-                key,
-                Some(r#"{"topic":"room:x","event":"e","payload":{},"color":"red"}"#),
-            )
-            .await,
+            &post,
+            "/api/publish",
+            key,
+            Some(r#"{"topic":"room:x","event":"e","payload":{},"color":"red"}"#),
         ),
         (
             400,
             "bad_request",
-            raw(
-                gw,
-                post.clone(),
-                "/api/publish",
-                key,
-                Some(r#"{"topic":"room:x","event":"phx_close","payload":{}}"#),
-            )
-            .await,
+            &post,
+            "/api/publish",
+            key,
+            Some(r#"{"topic":"room:x","event":"phx_close","payload":{}}"#),
         ),
         (
             400,
             "bad_request",
-            raw(
-                gw,
-                post.clone(),
-                "/api/publish",
-                key,
-                Some(r#"{"topic":"","event":"e","payload":{}}"#),
-            )
-            .await,
+            &post,
+            "/api/publish",
+            key,
+            Some(r#"{"topic":"","event":"e","payload":{}}"#),
         ),
         (
             413,
             "too_large",
-            raw(
-                gw,
-                post.clone(),
-                "/api/publish",
-                key,
-                Some(&format!(
-                    r#"{{"topic":"room:x","event":"e","payload":"{}"}}"#,
-                    "x".repeat(2000)
-                )),
-            )
-            .await,
+            &post,
+            "/api/publish",
+            key,
+            Some(&big_payload),
         ),
         (
             413,
             "too_large",
-            raw(
-                gw,
-                post.clone(),
-                "/api/publish",
-                key,
-                Some(&"x".repeat(2 << 20)),
-            )
-            .await,
+            &post,
+            "/api/publish",
+            key,
+            Some(&big_body),
+        ),
+        (404, "not_found", &get, "/api/nothing", key, None),
+        (405, "method_not_allowed", &get, "/api/publish", key, None),
+        (
+            404,
+            "not_found",
+            &get,
+            "/api/topic?topic=room:never",
+            key,
+            None,
         ),
         (
             404,
             "not_found",
-            raw(gw, reqwest::Method::GET, "/api/nothing", key, None).await,
+            &get,
+            "/api/history?topic=room:never",
+            key,
+            None,
         ),
+        (400, "bad_request", &get, "/api/topic", key, None),
         (
-            405,
-            "method_not_allowed",
-            raw(gw, reqwest::Method::GET, "/api/publish", key, None).await,
-        ),
-        (
-            404,
-            "not_found",
-            raw(
-                gw,
-                reqwest::Method::GET,
-                "/api/topic?topic=room:never",
-                key,
-                None,
-            )
-            .await,
-        ),
-        (
-            404,
-            "not_found",
-            raw(
-                gw,
-                reqwest::Method::GET,
-                "/api/history?topic=room:never",
-                key,
-                None,
-            )
-            .await,
+            400,
+            "bad_request",
+            &get,
+            "/api/history?topic=room:x&since_offset=3",
+            key,
+            None,
         ),
         (
             400,
             "bad_request",
-            raw(gw, reqwest::Method::GET, "/api/topic", key, None).await,
+            &get,
+            "/api/history?topic=room:x&limit=0",
+            key,
+            None,
         ),
         (
             400,
             "bad_request",
-            raw(
-                gw,
-                reqwest::Method::GET,
-                "/api/history?topic=room:x&since_offset=3",
-                key,
-                None,
-            )
-            .await,
+            &post,
+            "/api/disconnect",
+            key,
+            Some(r#"{"sub":""}"#),
         ),
         (
             400,
             "bad_request",
-            raw(
-                gw,
-                reqwest::Method::GET,
-                "/api/history?topic=room:x&limit=0",
-                key,
-                None,
-            )
-            .await,
-        ),
-        (
-            400,
-            "bad_request",
-            raw(
-                gw,
-                post.clone(),
-                "/api/disconnect",
-                key,
-                Some(r#"{"sub":""}"#),
-            )
-            .await,
-        ),
-        (
-            400,
-            "bad_request",
-            raw(
-                gw,
-                post.clone(),
-                "/api/broadcast",
-                key,
-                Some(r#"{"topics":[],"event":"e","payload":1}"#),
-            )
-            .await,
+            &post,
+            "/api/broadcast",
+            key,
+            Some(r#"{"topics":[],"event":"e","payload":1}"#),
         ),
     ];
-    for (i, (status, code, (got_status, body))) in cases.into_iter().enumerate() {
+    for (i, (status, code, method, path, key, body)) in cases.into_iter().enumerate() {
+        let (got_status, body) = raw(gw, method.clone(), path, key, body).await;
         assert_eq!(got_status, status, "case {i}: {body}");
         assert_eq!(body["error"]["code"], code, "case {i}: {body}");
         assert!(
@@ -390,17 +342,9 @@ async fn history_is_all_or_nothing_like_a_recovery() {
     assert_eq!(status, 409, "another epoch: {other}");
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 fn user_token(sub: &str) -> String {
     let claims = json!({"sub": sub, "subscribe": ["room:*"], "exp": now_secs() + 300});
-    let key = EncodingKey::from_secret(b"an-hs256-secret-of-at-least-32-bytes");
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+    sign(None, b"an-hs256-secret-of-at-least-32-bytes", &claims)
 }
 
 #[tokio::test]

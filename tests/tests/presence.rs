@@ -3,34 +3,25 @@
 //! server restarted; a burst of joins; a crowd counted rather than listed. After each step,
 //! every client's state is compared with the owner's (`GET /api/presence`).
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use ringcast_tests::cluster::ws_url;
 use ringcast_tests::ws::WsClient;
 use ringcast_tests::{Cluster, ClusterSpec, NodeClient, RingTarget, eventually};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const SECRET: &str = "a-presence-test-secret-of-32-bytes!";
 
 fn token(sub: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
+    let exp = ringcast_tests::jwt::now_secs() + 600;
     let claims = json!({"sub": sub, "exp": exp, "subscribe": ["room:*", "move:*"]});
-    let key = EncodingKey::from_secret(SECRET.as_bytes());
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+    ringcast_tests::jwt::sign(None, SECRET.as_bytes(), &claims)
 }
 
 fn spec(topic_server_env: &[(&str, &str)]) -> ClusterSpec {
     ClusterSpec {
         gateway_env: vec![("GATEWAY_JWT_SECRETS".into(), SECRET.into())],
-        topic_server_env: topic_server_env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        topic_server_env: ringcast_tests::cluster::env(topic_server_env),
         ..Default::default()
     }
 }

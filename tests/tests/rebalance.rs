@@ -4,6 +4,7 @@
 //! continued across the move (one epoch, no interruption, no rejoin).
 
 use ringcast_ring::Ring;
+use ringcast_tests::cluster::status_sum;
 use ringcast_tests::traffic::{Report, Traffic};
 use ringcast_tests::{Cluster, ClusterSpec, NodeClient, RingTarget, WsClient, eventually};
 use serde_json::json;
@@ -60,14 +61,6 @@ async fn settled(cluster: &Cluster, ring: &Ring) {
         })
         .await;
     }
-}
-
-async fn sum(cluster: &Cluster, key: &str) -> u64 {
-    let mut total = 0;
-    for p in cluster.topic_servers.iter().chain(&cluster.gateways) {
-        total += p.status().await[key].as_u64().unwrap_or(0);
-    }
-    total
 }
 
 /// Nothing was lost, duplicated, reordered or renumbered, and nobody was interrupted.
@@ -172,7 +165,15 @@ async fn changing_a_weight_moves_a_share_of_the_topics() {
     settled(&cluster, &ring_of(&text)).await;
     publish_a_while(&traffic).await;
     assert_seamless(&traffic.finish().await);
-    assert!(sum(&cluster, "handoffs_in").await > 0, "something moved");
+    assert!(
+        status_sum(
+            cluster.topic_servers.iter().chain(&cluster.gateways),
+            "handoffs_in"
+        )
+        .await
+            > 0,
+        "something moved"
+    );
 }
 
 #[tokio::test]

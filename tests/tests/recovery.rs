@@ -6,10 +6,7 @@ use serde_json::{Value, json};
 
 fn spec(topic_server_env: &[(&str, &str)]) -> ClusterSpec {
     ClusterSpec {
-        topic_server_env: topic_server_env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        topic_server_env: ringcast_tests::cluster::env(topic_server_env),
         ..Default::default()
     }
 }

@@ -5,13 +5,13 @@
 //! ring is in force.
 
 use futures::StreamExt;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use ringcast_proto::take_reply::Outcome;
 use ringcast_proto::{TakeRequest, TopicServerClient, Up, UpBatch, down};
+use ringcast_tests::jwt::now_secs as now;
 use ringcast_tests::ws::Ended;
 use ringcast_tests::{Cluster, ClusterSpec, EVENT_TIMEOUT, NodeClient, WsClient};
 use serde_json::{Value, json};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -19,17 +19,8 @@ const SECRET: &str = "k1:an-hs256-secret-of-at-least-32-bytes";
 const KEY: &[u8] = b"an-hs256-secret-of-at-least-32-bytes";
 const CLUSTER_SECRET: &str = "the-cluster-secret-0123456789";
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 fn sign(kid: Option<&str>, key: &[u8], claims: Value) -> String {
-    let mut header = Header::new(Algorithm::HS256);
-    header.kid = kid.map(str::to_owned);
-    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(key)).unwrap()
+    ringcast_tests::jwt::sign(kid, key, &claims)
 }
 
 /// A connection token of user 42 for the claims given, valid for a minute.
@@ -46,11 +37,7 @@ async fn secured(extra_gateway_env: &[(&str, &str)]) -> Cluster {
         ("GATEWAY_JWT_LEEWAY_SECS".to_owned(), "0".to_owned()),
         ("CLUSTER_SECRET".to_owned(), CLUSTER_SECRET.to_owned()),
     ];
-    gateway_env.extend(
-        extra_gateway_env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string())),
-    );
+    gateway_env.extend(ringcast_tests::cluster::env(extra_gateway_env));
     Cluster::start_with(ClusterSpec {
         gateway_env,
         topic_server_env: vec![("CLUSTER_SECRET".into(), CLUSTER_SECRET.into())],

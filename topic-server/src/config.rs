@@ -180,20 +180,7 @@ impl Cli {
             bytes: self.log_bytes as usize,
             age: Duration::from_secs(self.log_seconds),
         };
-        config.admin_listen = match self.admin_listen {
-            Some(addr) => addr,
-            None => {
-                let port = self
-                    .listen
-                    .port()
-                    .checked_add(100)
-                    .filter(|_| self.listen.port() != 0);
-                let port = port.ok_or(
-                    "TOPIC_SERVER_ADMIN_LISTEN: set it (the default is the TOPIC_SERVER_LISTEN port + 100)",
-                )?;
-                SocketAddr::from(([127, 0, 0, 1], port))
-            }
-        };
+        config.admin_listen = admin_listen(self.admin_listen, self.listen, "TOPIC_SERVER")?;
         config.max_topics = self.max_topics as usize;
         config.max_log_total = self.max_log_total_bytes as usize;
         config.presence_interval = Duration::from_millis(self.presence_interval_ms);
@@ -220,4 +207,23 @@ impl Cli {
         }
         Ok((self.listen, config))
     }
+}
+/// The admin listener: `given`, or loopback on the `listen` port + 100 (`prefix` names the
+/// settings in the error when there is no such port).
+pub fn admin_listen(
+    given: Option<SocketAddr>,
+    listen: SocketAddr,
+    prefix: &str,
+) -> Result<SocketAddr, String> {
+    if let Some(addr) = given {
+        return Ok(addr);
+    }
+    let port = listen
+        .port()
+        .checked_add(100)
+        .filter(|_| listen.port() != 0);
+    let port = port.ok_or_else(|| {
+        format!("{prefix}_ADMIN_LISTEN: set it (the default is the {prefix}_LISTEN port + 100)")
+    })?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
 }

@@ -182,11 +182,6 @@ impl Fetch {
         (fetch, step)
     }
 
-    /// The node being asked.
-    pub fn asking(&self) -> Option<&NodeSpec> {
-        self.candidates.get(self.current)
-    }
-
     /// Candidates known so far (more are added when one says where the topic went).
     pub fn candidates(&self) -> usize {
         self.candidates.len()

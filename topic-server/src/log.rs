@@ -119,6 +119,11 @@ impl TopicLog {
     /// topic's last offset is `last`. `None` when some are gone (or `offset` is ahead of
     /// `last`): recovery is all or nothing.
     pub fn since(&self, offset: u64, last: u64) -> Option<Vec<Message>> {
+        self.since_at_most(offset, last, usize::MAX)
+    }
+
+    /// [`TopicLog::since`], the first `limit` of them only (the rest are not copied).
+    pub fn since_at_most(&self, offset: u64, last: u64, limit: usize) -> Option<Vec<Message>> {
         if offset > last {
             return None;
         }
@@ -134,6 +139,7 @@ impl TopicLog {
             self.entries
                 .iter()
                 .skip(skip)
+                .take(limit)
                 .map(|(_, m)| m.clone())
                 .collect(),
         )

@@ -25,7 +25,7 @@ pub enum TakeError {
 }
 
 /// One lazily connected channel per peer address.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
     /// Sent on every call: peers check it.

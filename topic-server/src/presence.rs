@@ -530,6 +530,12 @@ fn json_string(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
 }
 
+/// A presence key as a gateway or a peer may send it: 1 to
+/// [`ringcast_proto::MAX_PRESENCE_KEY_BYTES`] bytes.
+pub fn key_ok(key: &str) -> bool {
+    !key.is_empty() && key.len() <= ringcast_proto::MAX_PRESENCE_KEY_BYTES
+}
+
 /// Checks a presence meta from a gateway: a JSON object of at most
 /// [`ringcast_proto::MAX_PRESENCE_META_BYTES`]; returns it compact.
 pub fn meta_of(meta: &[u8]) -> Option<Box<str>> {

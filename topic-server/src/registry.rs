@@ -296,20 +296,11 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
 
     /// The presence news of every topic that changed since the last call.
     pub fn flush_presence(&mut self, now: Instant) -> Vec<PresenceNews<'_, G>> {
-        let limits = self.presence_limits;
         let mut news = Vec::new();
         for topic in std::mem::take(&mut self.dirty) {
-            let Some(state) = self.topics.get_mut(&topic) else {
-                continue;
-            };
-            let before = state.presence.bytes();
-            let flushed = state.presence.flush(&limits, now);
-            self.presence_bytes = self.presence_bytes + state.presence.bytes() - before;
-            if state.presence.is_dirty() {
-                // Counts held back for a while: asked again at the next flush.
-                self.dirty.insert(topic.clone());
-            }
-            if let Some((event, payload)) = flushed {
+            // Counts held back for a while leave the topic dirty: asked again next time.
+            let flushed = self.presence_change(&topic, |p, limits| p.flush(limits, now));
+            if let Some(Some((event, payload))) = flushed {
                 news.push((topic, event, payload));
             }
         }
@@ -494,13 +485,9 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
                 };
             }
         };
-        let mut messages = state.log.since(from, state.offset);
-        if let Some(messages) = &mut messages {
-            messages.truncate(limit);
-        }
         History {
             position: state.position(),
-            messages,
+            messages: state.log.since_at_most(from, state.offset, limit),
         }
     }
 
@@ -542,12 +529,18 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     /// Forgets `topic` if it has nothing left to keep.
     fn remove_if_idle(&mut self, topic: &str) {
         if self.topics.get(topic).is_some_and(Topic::is_idle) {
-            let state = self.topics.remove(topic).expect("checked");
-            self.names -= topic.len();
-            self.presence_bytes -= state.presence.bytes();
-            self.key_bytes -= state.keys_bytes();
-            self.dirty.remove(topic);
+            self.remove_topic(topic);
         }
+    }
+
+    /// Removes `topic` and the bytes counted for its name, presence and keys.
+    fn remove_topic(&mut self, topic: &str) -> Option<Topic<G>> {
+        let state = self.topics.remove(topic)?;
+        self.names -= topic.len();
+        self.presence_bytes -= state.presence.bytes();
+        self.key_bytes -= state.keys_bytes();
+        self.dirty.remove(topic);
+        Some(state)
     }
 
     /// Drops messages past the age limit, then topics left with neither subscribers nor
@@ -555,6 +548,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
     pub fn expire(&mut self, now: Instant) -> usize {
         let (limits, before) = (self.limits, self.topics.len());
         let (mut expired, mut names) = (Dropped::default(), 0);
+        let (mut presence_bytes, mut key_bytes) = (0, 0);
         let dirty = &mut self.dirty;
         self.topics.retain(|topic, state| {
             let dropped = state.log.expire(now, &limits);
@@ -565,7 +559,10 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
                 dirty.insert(topic.clone());
             }
             let keep = !state.is_idle();
-            if !keep {
+            if keep {
+                presence_bytes += state.presence.bytes();
+                key_bytes += state.keys_bytes();
+            } else {
                 names += topic.len();
                 dirty.remove(topic);
             }
@@ -573,8 +570,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         });
         self.forget(expired);
         self.names -= names;
-        self.presence_bytes = self.topics.values().map(|t| t.presence.bytes()).sum();
-        self.key_bytes = self.topics.values().map(Topic::keys_bytes).sum();
+        (self.presence_bytes, self.key_bytes) = (presence_bytes, key_bytes);
         // Handovers are remembered for a while, and only so many.
         self.moved
             .retain(|_, m| now.saturating_duration_since(m.at) < MOVED_FOR);
@@ -602,11 +598,7 @@ impl<G: PartialEq + Clone> TopicRegistry<G> {
         gateway_id: impl Fn(&G) -> String,
     ) -> Option<Handoff<G>> {
         let limits = self.presence_limits;
-        let mut state = self.topics.remove(topic)?;
-        self.names -= topic.len();
-        self.dirty.remove(topic);
-        self.presence_bytes -= state.presence.bytes();
-        self.key_bytes -= state.keys_bytes();
+        let mut state = self.remove_topic(topic)?;
         let presence_flush = state.presence.flush(&limits, now);
         let subscribers: usize = state.gateways.iter().map(|(_, s)| s.len()).sum();
         self.subscriptions -= subscribers;

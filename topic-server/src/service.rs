@@ -102,6 +102,14 @@ struct Link {
 }
 
 impl Link {
+    /// The gateway's `id#instance` from its Hello, or `link-<n>` before one came.
+    fn label(&self) -> String {
+        self.gateway_id
+            .get()
+            .cloned()
+            .unwrap_or_else(|| format!("link-{}", self.id))
+    }
+
     fn close(&self, reason: CloseReason) {
         if self.reason.set(reason).is_ok() && matches!(reason, CloseReason::Overflow) {
             tracing::warn!(link = self.id, gateway = ?self.gateway_id.get(), "gateway stream queue full: cutting the stream");
@@ -412,6 +420,9 @@ impl Shard {
     /// Brings the service's totals up to date with this shard (call after changing it).
     fn sync(&mut self, totals: &Totals) {
         let now = (self.registry.topic_count(), self.registry.held_bytes());
+        if now == self.counted {
+            return;
+        }
         let (topics, bytes) = self.counted;
         totals.topics.fetch_add(now.0.wrapping_sub(topics), Relaxed);
         totals.bytes.fetch_add(now.1.wrapping_sub(bytes), Relaxed);
@@ -639,10 +650,13 @@ impl TopicService {
         };
         s.stats.handoffs_out.fetch_add(1, Relaxed);
         tracing::debug!(%topic, to = %request.node_id, offset = handoff.offset, "topic handed over");
+        let presence_flush = handoff
+            .presence_flush
+            .map(|(event, payload)| (event, Bytes::from(payload)));
         for gateway in &handoff.gateways {
             // Presence changes not sent yet go first: the new owner starts from this state.
-            if let Some((event, payload)) = &handoff.presence_flush {
-                let news = Down::presence(topic.to_owned(), event, payload.clone().into());
+            if let Some((event, payload)) = &presence_flush {
+                let news = Down::presence(topic.to_owned(), event, payload.clone());
                 s.send(&gateway.0, news);
             }
             s.send(
@@ -743,17 +757,7 @@ impl TopicService {
         };
         let topics = s.totals.topics.load(Relaxed);
         let log_bytes = s.totals.bytes.load(Relaxed);
-        let gateways = s
-            .links
-            .lock()
-            .iter()
-            .map(|l| {
-                l.gateway_id
-                    .get()
-                    .cloned()
-                    .unwrap_or_else(|| format!("link-{}", l.id))
-            })
-            .collect();
+        let gateways = s.links.lock().iter().map(|l| l.label()).collect();
         StatusSnapshot {
             node_id: s.ownership.node_id().map(str::to_owned),
             ring_version: s.ownership.version(),
@@ -925,14 +929,22 @@ impl Shared {
         };
         let topic = request.topic().to_owned();
         let mut shard = self.shard(&topic).lock();
+        let (owns, held) = (self.ownership.owns(&topic), shard.registry.contains(&topic));
+        let parked = shard.parked.get(&topic).map(Vec::len);
+        // Read only for a topic of ours neither held nor being fetched (the only case that
+        // looks at them): not on every publish.
+        let previous_owners = match (owns, held, parked) {
+            (true, false, None) => self.ownership.previous_owners(&topic),
+            _ => Vec::new(),
+        };
         let facts = TopicFacts {
-            owns: self.ownership.owns(&topic),
+            owns,
             version: self.ownership.version(),
-            held: shard.registry.contains(&topic),
-            parked: shard.parked.get(&topic).map(Vec::len),
+            held,
+            parked,
             moved: shard.registry.moved(&topic),
             hint: request.hint(),
-            previous_owners: self.ownership.previous_owners(&topic),
+            previous_owners,
         };
         // Waiting requests are bounded by a quarter of a stream's queue (served at once, a
         // waiting publish answers with an ack and a delivery): later ones are refused, and
@@ -1064,7 +1076,7 @@ impl Shared {
                 self.stats
                     .deliveries
                     .fetch_add(published.gateways.len() as u64, Relaxed);
-                let accepted_unix_micros = unix_micros();
+                let accepted_unix_micros = ringcast_proto::unix_micros();
                 for gateway in published.gateways {
                     let delivery = Delivery {
                         topic: publish.topic.clone(),
@@ -1231,16 +1243,15 @@ impl Shared {
                     .presence
                     .into_iter()
                     .filter_map(|e| {
-                        let meta = presence::meta_of(&e.meta)?;
-                        let key_ok = !e.key.is_empty()
-                            && e.key.len() <= ringcast_proto::MAX_PRESENCE_KEY_BYTES
-                            && e.phx_ref.len() <= 64;
+                        if !presence::key_ok(&e.key) || e.phx_ref.len() > 64 {
+                            return None;
+                        }
                         let entry = presence::Entry {
                             key: e.key.into(),
                             phx_ref: e.phx_ref.into(),
-                            meta,
+                            meta: presence::meta_of(&e.meta)?,
                         };
-                        key_ok.then_some((e.gateway_id, e.subscriber, entry))
+                        Some((e.gateway_id, e.subscriber, entry))
                     })
                     .collect();
                 shard.registry.install(
@@ -1310,11 +1321,7 @@ impl Shared {
 
 /// The id and instance a gateway gave in its Hello (presence handed over is keyed by it).
 fn gateway_id_of(link: &LinkRef) -> String {
-    link.0
-        .gateway_id
-        .get()
-        .cloned()
-        .unwrap_or_else(|| format!("link-{}", link.0.id))
+    link.0.label()
 }
 
 /// What a Subscribe's presence asks: to track `(key, meta)` (checked, compact), or only to
@@ -1325,16 +1332,9 @@ fn presence_join(
     let Some(meta) = &join.meta else {
         return Ok(None);
     };
-    if join.key.is_empty() || join.key.len() > ringcast_proto::MAX_PRESENCE_KEY_BYTES {
+    if !presence::key_ok(&join.key) {
         return Err("invalid presence");
     }
     let meta = presence::meta_of(meta).ok_or("invalid presence")?;
     Ok(Some((join.key.clone(), meta)))
-}
-
-/// Now, in microseconds since the Unix epoch (deliveries carry it).
-fn unix_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }

@@ -208,20 +208,19 @@ impl Link {
     #[allow(clippy::result_large_err)] // the request is handed back to be retried, not boxed
     pub fn request(&self, pending: Pending) -> Result<(), Pending> {
         let id = self.next_request.fetch_add(1, Relaxed);
-        let mut state = self.state.lock();
-        let Some(tx) = state.tx.as_ref() else {
-            return Err(pending);
-        };
+        // Built before the lock, which the link's reader takes for every answer.
         let rings = self.shared.rings.load();
         let hint = match &pending {
             Pending::Move(mv) => rings.addr_of(&mv.from_node),
             Pending::Unsubscribe { .. } => None,
             other => rings.previous_owner_addr(other.topic(), &self.node),
         };
-        if tx
-            .try_send(pending.up(id).with_previous_owner(hint))
-            .is_err()
-        {
+        let up = pending.up(id).with_previous_owner(hint);
+        let mut state = self.state.lock();
+        let Some(tx) = state.tx.as_ref() else {
+            return Err(pending);
+        };
+        if tx.try_send(up).is_err() {
             return Err(pending);
         }
         state.pending.insert(id, pending);

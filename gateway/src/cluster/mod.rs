@@ -58,7 +58,6 @@ pub struct Cluster {
     links: ArcSwap<HashMap<Arc<str>, Arc<Link>>>,
     /// Topics moving to a new owner now (kept by the driver).
     moving: AtomicUsize,
-    embedded: bool,
     keepalive: Duration,
     max_message_bytes: usize,
     secret: ringcast_proto::auth::ClusterSecret,
@@ -100,7 +99,6 @@ impl Cluster {
             shared,
             links: Default::default(),
             moving: AtomicUsize::new(0),
-            embedded: ring.is_none(),
             keepalive: config.keepalive,
             max_message_bytes: config.max_message_bytes,
             secret: config.secret,
@@ -183,13 +181,10 @@ impl Cluster {
             &join.topic,
             &*self.shared.index as &dyn Feeds,
         );
-        match self.link(&node) {
-            Some(link) => match link.request(Pending::Join(join)) {
-                Ok(()) => Ok(node),
-                Err(Pending::Join(join)) => Err(join),
-                Err(_) => unreachable!("a link hands back the request it was given"),
-            },
-            None => Err(join),
+        match self.send_to(&node, Pending::Join(join)) {
+            Ok(()) => Ok(node),
+            Err(Pending::Join(join)) => Err(join),
+            Err(_) => unreachable!("a link hands back the request it was given"),
         }
     }
 
@@ -199,34 +194,24 @@ impl Cluster {
     pub fn publish(&self, publish: Publish) -> Result<(), Publish> {
         let rings = self.shared.rings.load();
         let node = directory::owner(rings.current.as_deref(), &publish.topic);
-        match self.link(&node) {
-            Some(link) => link
-                .request(Pending::Publish(publish))
-                .map_err(|p| match p {
-                    Pending::Publish(p) => p,
-                    _ => unreachable!("a link hands back the request it was given"),
-                }),
-            None => Err(publish),
-        }
+        self.send_to(&node, Pending::Publish(publish))
+            .map_err(|p| match p {
+                Pending::Publish(p) => p,
+                _ => unreachable!("a link hands back the request it was given"),
+            })
     }
 
     /// Sends an API read to its topic's owner; handed back if the owner's link cannot take it.
     #[allow(clippy::result_large_err)] // handed back to be answered, not boxed
     pub fn ask(&self, api: Api) -> Result<(), Api> {
         let node = self.owner(&api.topic);
-        match self.link(&node) {
-            Some(link) => self.ask_at(&link, api),
-            None => Err(api),
-        }
+        self.send_to(&node, Pending::Api(api)).map_err(api_back)
     }
 
     /// Sends an API call on `link`; handed back if the link cannot take it.
     #[allow(clippy::result_large_err)] // handed back to be answered, not boxed
     pub fn ask_at(&self, link: &Link, api: Api) -> Result<(), Api> {
-        link.request(Pending::Api(api)).map_err(|p| match p {
-            Pending::Api(api) => api,
-            _ => unreachable!("a link hands back the request it was given"),
-        })
+        link.request(Pending::Api(api)).map_err(api_back)
     }
 
     /// The node that owns `topic` under the ring in force.
@@ -273,10 +258,6 @@ impl Cluster {
         self.shared.rings.load().version()
     }
 
-    pub fn is_embedded(&self) -> bool {
-        self.embedded
-    }
-
     /// Topics whose feed is moving to a new owner now.
     pub fn moving(&self) -> usize {
         self.moving.load(Relaxed)
@@ -292,5 +273,12 @@ impl Cluster {
 
     pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics
+    }
+}
+/// The API call a link handed back.
+fn api_back(pending: Pending) -> Api {
+    match pending {
+        Pending::Api(api) => api,
+        _ => unreachable!("a link hands back the request it was given"),
     }
 }

@@ -100,13 +100,10 @@ async fn publish_paced(
         let publisher = &mut pubs[sent as usize % pubs.len()];
         let (join_ref, topic) = &publisher.topics[publisher.next % publisher.topics.len()];
         publisher.next += 1;
-        let frame = client::publish_frame(*join_ref, topic, step, payload);
+        // One message for every socket (a clone shares its bytes).
+        let message = Message::Text(client::publish_frame(*join_ref, topic, step, payload).into());
         for sink in &mut publisher.sinks {
-            if sink
-                .send(Message::Text(frame.clone().into()))
-                .await
-                .is_err()
-            {
+            if sink.send(message.clone()).await.is_err() {
                 return sent;
             }
         }
@@ -140,12 +137,9 @@ async fn publish_bursts(
                 let (join_ref, topic) = &publisher.topics[publisher.next % publisher.topics.len()];
                 publisher.next += 1;
                 let frame = client::publish_frame(*join_ref, topic, step, payload);
+                let message = Message::Text(frame.into());
                 for sink in &mut publisher.sinks {
-                    if sink
-                        .feed(Message::Text(frame.clone().into()))
-                        .await
-                        .is_err()
-                    {
+                    if sink.feed(message.clone()).await.is_err() {
                         return sent;
                     }
                 }
