@@ -144,7 +144,7 @@ impl WsClient {
     }
 
     /// Sends `publish` with `[event, payload]`; returns its ref.
-    async fn send_publish(
+    pub async fn send_publish(
         &mut self,
         join_ref: &str,
         topic: &str,

@@ -461,3 +461,109 @@ async fn a_node_with_all_the_topics_it_may_hold_still_tracks_presence_in_them() 
     sees(&mut bob, topic, &both).await;
     assert_eq!(seen, owner(&cluster, topic).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_update_flood_costs_members_one_diff_per_interval_and_bystanders_nothing() {
+    let cluster = Cluster::start_with(ClusterSpec {
+        gateways: 1,
+        gateway_env: vec![("GATEWAY_CLIENT_RATE".into(), "0".into())],
+        ..Default::default()
+    })
+    .await;
+    let url = ws_url(cluster.gateways[0].addr);
+    let topic = "room:flooded";
+    let mut watcher = WsClient::connect(&url).await;
+    let reply = watcher.join(topic, "1", json!({"presence": {}})).await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let mut flooder = WsClient::connect(&url).await;
+    let meta = |n: usize| json!({"n": n, "pad": "x".repeat(900)});
+    let reply = flooder
+        .join(
+            topic,
+            "1",
+            json!({"presence": {"key": "mallory", "meta": meta(0)}}),
+        )
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+
+    // A bystander on the same gateway, on another topic: a message every millisecond.
+    let calm = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let mut sub = WsClient::connect(&url).await;
+            sub.join_ok("room:calm", "1").await;
+            let mut publisher = WsClient::connect(&url).await;
+            publisher.join_ok("room:calm", "1").await;
+            let started = std::time::Instant::now();
+            for n in 0..300 {
+                publisher
+                    .send_publish("1", "room:calm", "m", json!({"n": n}))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let got: Vec<u64> = (sub.recv_n(300).await.iter())
+                .map(|f| f[4]["n"].as_u64().unwrap())
+                .collect();
+            (got, started.elapsed())
+        }
+    });
+
+    // 2,000 meta updates of about 1 KiB, 100 in flight at a time.
+    const UPDATES: usize = 2000;
+    let started = std::time::Instant::now();
+    for batch in 0..UPDATES / 100 {
+        let mut refs = Vec::new();
+        for i in 0..100 {
+            let n = batch * 100 + i + 1;
+            let msg_ref = format!("u{n}");
+            let update = json!(["1", msg_ref, topic, "presence_update", {"meta": meta(n)}]);
+            flooder.send_json(update).await;
+            refs.push(msg_ref);
+        }
+        for msg_ref in refs {
+            flooder.reply_to(&msg_ref, "ok").await;
+        }
+    }
+    // The watcher hears the last meta, in at most one diff per 50 ms interval.
+    let mut diffs = 0;
+    loop {
+        let frame = watcher.recv_json().await;
+        if frame[3] != "presence_diff" {
+            continue;
+        }
+        diffs += 1;
+        let joins = &frame[4]["joins"]["mallory"]["metas"];
+        assert_eq!(
+            joins.as_array().map(Vec::len),
+            Some(1),
+            "one meta a diff: {frame}"
+        );
+        if joins[0]["n"] == UPDATES {
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    let intervals = (elapsed.as_millis() / 50) as usize + 2;
+    eprintln!("{UPDATES} updates in {elapsed:?}: {diffs} diffs at the watcher");
+    assert!(diffs <= intervals, "{diffs} diffs in {elapsed:?}");
+    assert!(diffs < UPDATES / 4, "updates merged: {diffs} diffs");
+    // The owner holds one entry, not a pile of changes.
+    let (status, stats) = cluster.gateways[0]
+        .api(&format!("/api/presence_stats?topic={topic}"), None)
+        .await;
+    assert_eq!(
+        (status, stats["members"].as_u64()),
+        (200, Some(1)),
+        "{stats}"
+    );
+    let held = cluster.topic_servers.iter().map(|t| t.status());
+    let mut log_bytes = 0;
+    for status in futures::future::join_all(held).await {
+        log_bytes += status["log_bytes"].as_u64().unwrap();
+    }
+    assert!(log_bytes < 64 * 1024, "{log_bytes} bytes held");
+    // The bystander got every message, in order.
+    let (got, took) = calm.await.unwrap();
+    assert_eq!(got, (0..300).collect::<Vec<u64>>());
+    eprintln!("bystander: 300 messages in {took:?} during the flood");
+}
